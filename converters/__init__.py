@@ -1,0 +1,1 @@
+"""Converters from Hugging Face checkpoints to GGUF and ONNX (installed as ``edgellm.converters``)."""
