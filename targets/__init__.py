@@ -4,12 +4,15 @@ Public API:
     builtin_profiles() -> dict[id, DeviceProfile]
     load_profile(path) -> DeviceProfile
     resolve_device(name) -> ResolvedDevice    (id, family alias, "local" or a .toml path)
+    aliases() -> dict[alias, [ids, smallest usable memory first]]
+    uncovered_figures(profile) -> [dotted figure names no source backs]
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import tomllib
 import types
 import typing
@@ -28,7 +31,7 @@ from edgellm.targets.schema import (
 
 __all__ = [
     "Accelerator", "Cpu", "CpuCluster", "DeviceProfile", "Memory", "PowerMode", "Source", "ResolvedDevice",
-    "builtin_profiles", "load_profile", "parse_profile", "resolve_device",
+    "aliases", "builtin_profiles", "load_profile", "parse_profile", "resolve_device", "uncovered_figures",
 ]
 
 LOCAL = "local"
@@ -82,7 +85,7 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(table) - set(fields))
     if unknown:
-        raise _Invalid(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
+        raise _Invalid(f"{where or 'top level'}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(fields)}")
     hints = _field_types(cls)
     values = {}
     for name, f in fields.items():
@@ -93,6 +96,63 @@ def _build(cls: type, table: dict[str, Any], where: str) -> Any:
             continue
         values[name] = _convert(table[name], hints[name], f.metadata.get("unit"), path)
     return cls(**values)
+
+
+def _dataclass_in(hint: Any) -> type | None:
+    """The dataclass a field holds, directly or as ``tuple[X, ...]``; None for plain values."""
+    if dataclasses.is_dataclass(hint):
+        return hint
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is tuple and args and dataclasses.is_dataclass(args[0]):
+        return args[0]
+    return None
+
+
+def _field_paths(cls: type, prefix: str = "") -> frozenset[str]:
+    """Every dotted field name of ``cls`` and its nested tables: "memory", "memory.bandwidth", ..."""
+    paths: set[str] = set()
+    for name, hint in _field_types(cls).items():
+        paths.add(prefix + name)
+        inner = _dataclass_in(hint)
+        if inner is not None:
+            paths |= _field_paths(inner, f"{prefix}{name}.")
+    return frozenset(paths)
+
+
+FIGURE_PATHS = _field_paths(DeviceProfile)
+_INDEX = re.compile(r"\[\d+\]")   # "accelerators[0].int8_ops" names the same field as "accelerators.int8_ops"
+
+# Figures every built-in profile must back with a source; accelerators and power_modes too when present.
+SOURCED_FIGURES = ("memory.total", "memory.usable", "memory.bandwidth", "cpu.clusters")
+
+
+def _figure(name: str) -> str:
+    return _INDEX.sub("", name)
+
+
+def _check_sources(profile: DeviceProfile) -> None:
+    """Each source must name real fields, so a typo cannot leave a figure silently unsourced."""
+    if not profile.sources:
+        raise _Invalid("sources: at least one source is required")
+    for i, source in enumerate(profile.sources):
+        for name in source.figures:
+            if _figure(name) not in FIGURE_PATHS:
+                raise _Invalid(f"sources[{i}].figures: {name!r} names no profile field "
+                               f"(use dotted names such as 'memory.bandwidth' or 'cpu.clusters')")
+
+
+def uncovered_figures(profile: DeviceProfile, required: tuple[str, ...] = SOURCED_FIGURES) -> list[str]:
+    """Return the figures in ``required`` (plus accelerators / power_modes when the profile has them) that no
+    source names. A source for a table covers its fields ("memory" covers "memory.total") and a source for
+    one field of a table counts for the table ("accelerators.int8_ops" counts for "accelerators")."""
+    wanted = list(required)
+    wanted += ["accelerators"] * bool(profile.accelerators) + ["power_modes"] * bool(profile.power_modes)
+    named = {_figure(name) for source in profile.sources for name in source.figures}
+
+    def covered(figure: str) -> bool:
+        return any(n == figure or n.startswith(figure + ".") or figure.startswith(n + ".") for n in named)
+
+    return [figure for figure in wanted if not covered(figure)]
 
 
 def _check_choices(profile: DeviceProfile) -> None:
@@ -109,8 +169,9 @@ def _check_choices(profile: DeviceProfile) -> None:
         raise _Invalid(f"backends: unknown {unknown or 'empty list'}; known: {', '.join(BACKENDS)}")
     if profile.memory.usable > profile.memory.total:
         raise _Invalid("memory.usable is larger than memory.total")
-    if not profile.sources:
-        raise _Invalid("sources: at least one source is required")
+    if sum(mode.default for mode in profile.power_modes) > 1:
+        raise _Invalid("power_modes: more than one mode is marked default")
+    _check_sources(profile)
 
 
 def parse_profile(table: dict[str, Any], origin: str) -> DeviceProfile:

@@ -17,6 +17,14 @@ DEVICE_CLASSES = ("sbc", "embedded", "phone", "laptop", "desktop", "server")
 CPU_ARCHS = ("x86_64", "aarch64")
 ACCELERATOR_KINDS = ("gpu", "npu")
 
+# ISA feature names in the probe's spelling (edgellm.probe.cpu), per architecture. Profiles list the subset a
+# device has; tests hold the built-in profiles to this vocabulary so a typo ("avx-512") cannot slip in.
+CPU_FEATURES = {
+    "x86_64": ("sse3", "ssse3", "avx", "avx2", "fma", "f16c", "bmi2", "avx_vnni", "avx512f", "avx512bw",
+               "avx512vl", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16"),
+    "aarch64": ("asimd", "fp16", "fhm", "dotprod", "i8mm", "bf16", "sve", "sve2", "sme"),
+}
+
 
 def _unit(kind: str, default: Any = dataclasses.MISSING) -> Any:
     return field(default=default, metadata={"unit": kind})
