@@ -84,8 +84,12 @@ class SafetensorsFile:
         return bf16_to_f32(array) if info.dtype == "BF16" else array.astype(np.float32, copy=False)
 
     def close(self) -> None:
+        """Unmap the file. While arrays from ``raw()`` are still alive the map stays until they are freed."""
         if self._map is not None:
-            self._map.close()
+            try:
+                self._map.close()
+            except BufferError:     # views still exported: the mapping lives on with them
+                pass
 
     def __enter__(self) -> "SafetensorsFile":
         return self
