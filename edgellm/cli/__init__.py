@@ -21,6 +21,8 @@ from edgellm.errors import EdgeLLMError
 COMMANDS = {
     "probe": "probe",
     "devices": "devices",
+    "run": "run",
+    "chat": "chat",
 }
 
 EXIT_INTERRUPTED = 130
