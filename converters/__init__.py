@@ -1,1 +1,235 @@
-"""Converters from Hugging Face checkpoints to GGUF and ONNX (installed as ``edgellm.converters``)."""
+"""Converters from Hugging Face checkpoints to GGUF and ONNX (installed as ``edgellm.converters``).
+
+``convert(model_dir, out_path, type)`` writes a GGUF file llama.cpp loads, without torch or transformers:
+the same tensor names, layouts, transforms, types and metadata as llama.cpp's ``convert_hf_to_gguf.py``.
+F32, F16, BF16 and Q8_0 are written directly; other llama.cpp types go through an F16 (or F32) GGUF and
+``edgellm.converters.quantize.quantize_gguf``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from edgellm.converters import archs
+from edgellm.converters.archs.common import Architecture, Context
+from edgellm.converters.checkpoint import Checkpoint, open_checkpoint
+from edgellm.converters.general import general_calls
+from edgellm.converters.plan import OUTPUT_TYPES, OutputType, TensorPlan, plan_tensors
+from edgellm.converters.quant_types import file_type
+from edgellm.converters.spec import ModelSpec, hparams
+from edgellm.converters.tokenizer import TokenizerFiles
+from edgellm.converters.writer import Progress, partial_path, tensor_chunks, write_gguf
+from edgellm.errors import CheckpointError, ConvertTypeError, UsageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ConvertResult", "convert", "model_spec", "OUTPUT_TYPES"]
+
+# config.json torch_dtype -> safetensors dtype it announces
+TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    """What ``convert`` wrote."""
+
+    path: Path
+    type: str                       # file type, llama.cpp spelling ("F16", "Q4_K_M")
+    size_bytes: int
+    n_params: int
+    bits_per_weight: float          # tensor data bits / parameters
+    tensor_types: dict[str, int]    # ggml type -> number of tensors stored in it
+    seconds: float
+    spec: ModelSpec
+    notes: tuple[str, ...] = field(default_factory=tuple)   # decisions the user should know about
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"path": str(self.path), "type": self.type, "size_bytes": self.size_bytes, "n_params": self.n_params,
+                "bits_per_weight": round(self.bits_per_weight, 4), "tensor_types": self.tensor_types,
+                "seconds": round(self.seconds, 3), "notes": list(self.notes), "model": self.spec.to_dict()}
+
+
+@dataclass
+class _Model:
+    """An opened checkpoint with its architecture, flattened config and spec."""
+
+    ckpt: Checkpoint
+    arch: Architecture
+    hparams: dict[str, Any]
+    spec: ModelSpec
+    notes: list[str]
+
+
+def _open(model_dir: str | Path) -> _Model:
+    ckpt = open_checkpoint(model_dir)
+    try:
+        arch = archs.get(ckpt.config.get("model_type"))
+        try:
+            hp = hparams(ckpt.config, arch.defaults)
+            spec = ModelSpec.from_hparams(hp, arch.name, arch.traits)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CheckpointError(path=str(ckpt.path / "config.json"), problem=str(exc).strip("'\"")) from None
+    except BaseException:
+        ckpt.close()
+        raise
+    notes = []
+    if spec.architecture and spec.architecture not in arch.hf_architectures:
+        notes.append(f"config.json architecture {spec.architecture} is converted as {arch.hf_architectures[0]}")
+    return _Model(ckpt, arch, hp, spec, notes + _dtype_notes(ckpt, spec))
+
+
+def _dtype_notes(ckpt: Checkpoint, spec: ModelSpec) -> list[str]:
+    """A note when config.json's torch_dtype disagrees with the stored weights (llama.cpp trusts the weights too:
+    "some finetunes lie")."""
+    claimed = TORCH_DTYPES.get(str(spec.torch_dtype))
+    stored = sorted({info.dtype for _, info in ckpt.tensors.values() if len(info.shape) >= 2})
+    if claimed and stored and stored != [claimed]:
+        return [f"config.json says torch_dtype {spec.torch_dtype} but the weights are stored as {'/'.join(stored)}; "
+                "converting what is stored"]
+    return []
+
+
+def model_spec(model_dir: str | Path) -> ModelSpec:
+    """The ``ModelSpec`` of a checkpoint folder (reads config.json and the safetensors headers only).
+
+    Raises:
+        CheckpointError, UnsafeCheckpointError, UnsupportedArchitectureError: as ``convert``.
+    """
+    model = _open(model_dir)
+    model.ckpt.close()
+    return model.spec
+
+
+def _metadata(model: _Model, ctx: Context, plans: list[TensorPlan], out: OutputType) -> list[tuple]:
+    """Every metadata call in llama.cpp's order: general.*, hyperparameters, quantization version, vocab."""
+    n_params = sum(p.n_elements for p in plans)
+    calls = model.arch.early_metadata(model.hparams, model.spec)
+    calls += general_calls(model.ckpt.path, n_params, model.ckpt.generation_config)
+    calls += model.arch.metadata(model.hparams, model.spec, int(out.file_type))
+    calls.append(("add_quantization_version", gguf.GGML_QUANT_VERSION))
+    return calls + model.arch.vocab(ctx.tokenizer, model.hparams, model.spec)
+
+
+def _write(model: _Model, out_path: Path, out: OutputType, quiet: bool, progress: Progress | None) -> tuple[
+        int, list[TensorPlan]]:
+    ctx = Context(model.spec, model.hparams, TokenizerFiles.read(model.ckpt))
+    try:
+        plans, notes = plan_tensors(model.ckpt, model.arch, ctx, out)
+        calls = _metadata(model, ctx, plans, out)
+    except ValueError as exc:   # malformed rope factors, tokenizer merges... in third-party files
+        raise CheckpointError(path=str(model.ckpt.path), problem=str(exc)) from None
+    model.notes += notes
+
+    def chunks(plan: TensorPlan):
+        logger.log(logging.DEBUG if quiet else logging.INFO, "%-32s %-6s -> %-5s %s", plan.name,
+                   model.ckpt.info(plan.source).dtype if plan.source else "gen", plan.qtype.name, list(plan.shape))
+        return tensor_chunks(model.ckpt, plan, ctx)
+
+    return write_gguf(out_path, model.arch.gguf_name, calls, plans, chunks, progress), plans
+
+
+def _quantize_module():
+    """edgellm.converters.quantize, or a ConvertTypeError when this build has no llama.cpp quantizer."""
+    try:
+        module = importlib.import_module("edgellm.converters.quantize")
+    except ModuleNotFoundError as exc:
+        if exc.name != "edgellm.converters.quantize":
+            raise           # the module exists but one of its own imports is missing: show that
+        module = None
+    if not hasattr(module, "quantize_gguf"):
+        raise ConvertTypeError(type="quantized", problem="the llama.cpp quantizer is not available in this build",
+                               hint_text=f"use one of {', '.join(t.lower() for t in OUTPUT_TYPES)}")
+    return module
+
+
+def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, quiet: bool = True,
+            progress: Progress | None = None, imatrix: Any = None, output_type: str | None = None,
+            embedding_type: str | None = None, overrides: Any = None) -> ConvertResult:
+    """Convert the Hugging Face checkpoint in ``model_dir`` to a GGUF file at ``out_path``.
+
+    ``type``: a llama.cpp file type, case-insensitive: f32, f16, bf16 and q8_0 are written directly, the
+    others (q4_k_m, iq4_xs, ...) by quantizing an intermediate F16 file (F32 when F16 would overflow).
+    ``progress(done_bytes, total_bytes, tensor_name)`` is called after each tensor. ``quiet=False`` logs
+    every tensor at INFO level. ``imatrix``, ``output_type``, ``embedding_type`` and ``overrides`` are passed
+    to ``quantize_gguf`` for quantized types.
+
+    Returns a ``ConvertResult``. The file appears only when complete (written as OUT.partial, renamed).
+
+    Raises:
+        CheckpointError, UnsafeCheckpointError: unreadable, unsafe, inconsistent or NaN/Inf checkpoints.
+        UnsupportedArchitectureError: a model_type without a converter.
+        TokenizerError: a missing or unsupported tokenizer.
+        UnknownQuantTypeError, ConvertTypeError: an unknown type, or one this build cannot produce.
+        ConvertOutputError: the output cannot be written (disk full...).
+    """
+    start = time.monotonic()
+    kind = file_type(type).name
+    out_path = Path(out_path)
+    if out_path.is_dir():
+        raise UsageError(problem=f"output {out_path} is a directory", hint_text="pass a file name such as model.gguf")
+    quantize_options = {k: v for k, v in dict(imatrix=imatrix, output_type=output_type,
+                                               embedding_type=embedding_type, overrides=overrides).items()
+                        if v is not None}
+    if quantize_options and kind in OUTPUT_TYPES:
+        raise UsageError(problem=f"{', '.join(quantize_options)} only apply to llama.cpp quantized types, "
+                                 f"not {kind}", hint_text="drop them or pick a type such as q4_k_m")
+    model = _open(model_dir)
+    try:
+        if kind in OUTPUT_TYPES:
+            size, plans = _write(model, out_path, OUTPUT_TYPES[kind], quiet, progress)
+            types = Counter(p.qtype.name for p in plans)
+            data_bytes = sum(p.nbytes for p in plans)
+            n_params = sum(p.n_elements for p in plans)
+        else:
+            size, types, data_bytes, n_params = _convert_quantized(model, out_path, kind, quiet, progress,
+                                                                   quantize_options)
+    finally:
+        model.ckpt.close()
+    for note in model.notes:
+        logger.info("%s", note)   # also returned in ConvertResult.notes, which the CLI shows
+    return ConvertResult(path=out_path, type=kind, size_bytes=size, n_params=n_params,
+                         bits_per_weight=8 * data_bytes / max(n_params, 1), tensor_types=dict(types),
+                         seconds=time.monotonic() - start, spec=model.spec, notes=tuple(model.notes))
+
+
+def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, progress: Progress | None,
+                       options: dict[str, Any]) -> tuple[int, Counter, int, int]:
+    """F16 (or F32) intermediate next to the output, then llama.cpp's quantizer; the intermediate is removed."""
+    quantize = _quantize_module()
+    tmp = partial_path(out_path.with_name(f".{out_path.name}.intermediate"))
+    try:
+        try:
+            _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
+        except ConvertTypeError:
+            model.notes.append("weights exceed the f16 range: quantized from an f32 intermediate")
+            _write(model, tmp, OUTPUT_TYPES["F32"], quiet, None)
+        result = quantize.quantize_gguf(tmp, out_path, kind, progress=progress, **options)
+        model.notes += _fallback_notes(getattr(result, "fallbacks", []))
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _summarize(out_path, quantize.read_gguf_header(out_path))
+
+
+def _fallback_notes(fallbacks: list) -> list[str]:
+    """One note per (wanted, used) pair of the types llama.cpp substituted for tensors whose rows do not fit."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for f in fallbacks:
+        groups.setdefault((f.wanted, f.used), []).append(f.tensor)
+    return [f"llama.cpp stored {len(names)} tensor(s) as {used}, not {wanted} (their rows do not split into "
+            f"{wanted} blocks): {', '.join(names[:4])}{', ...' if len(names) > 4 else ''}"
+            for (wanted, used), names in groups.items()]
+
+
+def _summarize(path: Path, header: Any) -> tuple[int, Counter, int, int]:
+    """(file size, tensor types, tensor data bytes, parameters) from a GGUF header (quantize.read_gguf_header)."""
+    types = Counter(t.type for t in header.tensors)
+    return (path.stat().st_size, types, sum(t.n_bytes for t in header.tensors),
+            sum(t.n_elements for t in header.tensors))

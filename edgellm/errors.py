@@ -219,6 +219,12 @@ class FitSourceError(EdgeLLMError):
 
 
 @dataclass
+class OnnxRunError(EdgeLLMError):
+    path: str
+    problem: str
+
+
+@dataclass
 class MeasureError(EdgeLLMError):
     path: str
     problem: str
@@ -286,6 +292,9 @@ MESSAGES: dict[type, tuple[str, str, int]] = {
     FitSourceError: ("cannot fit {path}: {problem}",
                      "pass a Hugging Face checkpoint folder (config.json + *.safetensors) or a .gguf file", 5),
     MeasureError: ("measuring {path} failed: {problem}", "run with EDGELLM_DEBUG=1 for details", 6),
+    OnnxRunError: ("ONNX Runtime failed running {path}: {problem}",
+                   "check that onnxruntime is recent enough for the graph's ops (GroupQueryAttention, "
+                   "MatMulNBits), or re-export for this provider with --provider", 6),
 }
 
 

@@ -21,6 +21,7 @@ from edgellm.errors import EdgeLLMError
 COMMANDS = {
     "probe": "probe",
     "devices": "devices",
+    "convert": "convert",
     "run": "run",
     "chat": "chat",
 }
