@@ -50,11 +50,13 @@ class ConvertResult:
     seconds: float
     spec: ModelSpec
     notes: tuple[str, ...] = field(default_factory=tuple)   # decisions the user should know about
+    imatrix_tokens: int = 0         # tokens the importance matrix was computed on (0: none computed here)
 
     def to_dict(self) -> dict[str, Any]:
         return {"path": str(self.path), "type": self.type, "size_bytes": self.size_bytes, "n_params": self.n_params,
                 "bits_per_weight": round(self.bits_per_weight, 4), "tensor_types": self.tensor_types,
-                "seconds": round(self.seconds, 3), "notes": list(self.notes), "model": self.spec.to_dict()}
+                "seconds": round(self.seconds, 3), "notes": list(self.notes), "imatrix_tokens": self.imatrix_tokens,
+                "model": self.spec.to_dict()}
 
 
 @dataclass
@@ -66,6 +68,7 @@ class _Model:
     hparams: dict[str, Any]
     spec: ModelSpec
     notes: list[str]
+    imatrix_tokens: int = 0
 
 
 def _open(model_dir: str | Path) -> _Model:
@@ -151,15 +154,17 @@ def _quantize_module():
 
 
 def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, quiet: bool = True,
-            progress: Progress | None = None, imatrix: Any = None, output_type: str | None = None,
-            embedding_type: str | None = None, overrides: Any = None) -> ConvertResult:
+            progress: Progress | None = None, imatrix: Any = None, calibration: str | Path | None = None,
+            output_type: str | None = None, embedding_type: str | None = None,
+            overrides: Any = None) -> ConvertResult:
     """Convert the Hugging Face checkpoint in ``model_dir`` to a GGUF file at ``out_path``.
 
     ``type``: a llama.cpp file type, case-insensitive: f32, f16, bf16 and q8_0 are written directly, the
     others (q4_k_m, iq4_xs, ...) by quantizing an intermediate F16 file (F32 when F16 would overflow).
     ``progress(done_bytes, total_bytes, tensor_name)`` is called after each tensor. ``quiet=False`` logs
     every tensor at INFO level. ``imatrix``, ``output_type``, ``embedding_type`` and ``overrides`` are passed
-    to ``quantize_gguf`` for quantized types.
+    to ``quantize_gguf`` for quantized types; with ``imatrix="auto"`` the importance matrix is computed on the
+    ``calibration`` text file (default: the calibration text bundled with edgellm).
 
     Returns a ``ConvertResult``. The file appears only when complete (written as OUT.partial, renamed).
 
@@ -178,6 +183,9 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, q
     quantize_options = {k: v for k, v in dict(imatrix=imatrix, output_type=output_type,
                                                embedding_type=embedding_type, overrides=overrides).items()
                         if v is not None}
+    if calibration is not None and str(imatrix) != "auto":
+        raise UsageError(problem="a calibration text is only used to compute an importance matrix",
+                         hint_text="add --imatrix auto, or drop --calibration")
     if quantize_options and kind in OUTPUT_TYPES:
         raise UsageError(problem=f"{', '.join(quantize_options)} only apply to llama.cpp quantized types, "
                                  f"not {kind}", hint_text="drop them or pick a type such as q4_k_m")
@@ -190,18 +198,19 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, q
             n_params = sum(p.n_elements for p in plans)
         else:
             size, types, data_bytes, n_params = _convert_quantized(model, out_path, kind, quiet, progress,
-                                                                   quantize_options)
+                                                                   quantize_options, calibration)
     finally:
         model.ckpt.close()
     for note in model.notes:
         logger.info("%s", note)   # also returned in ConvertResult.notes, which the CLI shows
     return ConvertResult(path=out_path, type=kind, size_bytes=size, n_params=n_params,
                          bits_per_weight=8 * data_bytes / max(n_params, 1), tensor_types=dict(types),
-                         seconds=time.monotonic() - start, spec=model.spec, notes=tuple(model.notes))
+                         seconds=time.monotonic() - start, spec=model.spec, notes=tuple(model.notes),
+                         imatrix_tokens=model.imatrix_tokens)
 
 
 def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, progress: Progress | None,
-                       options: dict[str, Any]) -> tuple[int, Counter, int, int]:
+                       options: dict[str, Any], calibration: str | Path | None) -> tuple[int, Counter, int, int]:
     """F16 (or F32) intermediate next to the output, then llama.cpp's quantizer; the intermediate is removed."""
     quantize = _quantize_module()
     tmp = partial_path(out_path.with_name(f".{out_path.name}.intermediate"))
@@ -211,11 +220,31 @@ def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, pr
         except ConvertTypeError:
             model.notes.append("weights exceed the f16 range: quantized from an f32 intermediate")
             _write(model, tmp, OUTPUT_TYPES["F32"], quiet, None)
+        if str(options.get("imatrix")) == "auto":
+            options = {**options, "imatrix": _auto_imatrix(tmp, calibration, model.notes)}
         result = quantize.quantize_gguf(tmp, out_path, kind, progress=progress, **options)
         model.notes += _fallback_notes(getattr(result, "fallbacks", []))
+        model.imatrix_tokens = result.imatrix_tokens
     finally:
         tmp.unlink(missing_ok=True)
     return _summarize(out_path, quantize.read_gguf_header(out_path))
+
+
+def _auto_imatrix(gguf_path: Path, calibration: str | Path | None, notes: list[str]) -> Any:
+    """Compute the importance matrix on the intermediate file, from ``calibration`` or the bundled text."""
+    from edgellm.converters.imatrix import compute_imatrix
+
+    text = None
+    if calibration is not None:
+        try:
+            text = Path(calibration).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(problem=f"cannot read the calibration text {calibration}: {exc}",
+                             hint_text="pass a UTF-8 text file") from None
+    matrix = compute_imatrix(gguf_path, text=text)
+    source = f"calibration text {calibration}" if calibration else "edgellm's bundled calibration text"
+    notes.append(f"importance matrix computed on {matrix.n_tokens} tokens of {source}")
+    return matrix
 
 
 def _fallback_notes(fallbacks: list) -> list[str]:

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from edgellm.converters import convert, model_spec
-from edgellm.errors import (CheckpointError, ConvertOutputError, ConvertTypeError, TokenizerError,
+from edgellm.errors import (UsageError, CheckpointError, ConvertOutputError, ConvertTypeError, TokenizerError,
                             UnknownQuantTypeError, UnsafeCheckpointError, UnsupportedArchitectureError)
 from edgellm.testing import reference
 from edgellm.testing.tiny import ARCHITECTURES, make_checkpoint
@@ -378,6 +378,33 @@ def test_cli_writes_file_and_json(tiny_checkpoint, tmp_path, capsys):
     assert summary["size_bytes"] == (tmp_path / "m.gguf").stat().st_size
     assert math.isclose(summary["bits_per_weight"], 8.59, abs_tol=0.01) and summary["model"]["n_layers"] == 2
     assert "100%" in captured.err                                      # progress bar on stderr
+
+
+def test_cli_imatrix_calibration_and_tensor_overrides(tiny_checkpoint, tmp_path, capsys):
+    from edgellm.cli import convert as cli
+    from edgellm.converters.quantize import read_gguf_header
+
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    cli.register(parser.add_subparsers())
+    out = tmp_path / "m.gguf"
+    args = parser.parse_args(["convert", str(tiny_checkpoint("llama")), "-o", str(out), "--type", "q4_0",
+                              "--imatrix", "auto", "--calibration", str(text), "--tensor-type", "ffn_down=q8_0",
+                              "--json", "--quiet"])
+    assert args.run(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["imatrix_tokens"] > 100
+    assert any("importance matrix computed on" in n and "calib.txt" in n for n in summary["notes"])
+    types = {t.name: t.type for t in read_gguf_header(out).tensors}
+    assert {types[f"blk.{i}.ffn_down.weight"] for i in range(2)} == {"Q8_0"}
+    assert types["blk.0.ffn_up.weight"] == "Q4_0"
+
+
+def test_calibration_without_imatrix_auto_is_refused(tiny_checkpoint, tmp_path):
+    with pytest.raises(UsageError, match="calibration"):
+        convert(tiny_checkpoint("llama"), tmp_path / "m.gguf", "Q4_0", calibration=tmp_path / "x.txt")
+    assert not list(tmp_path.iterdir())
 
 
 def test_result_reports_what_was_written(tiny_checkpoint, tmp_path):

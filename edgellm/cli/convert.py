@@ -1,6 +1,7 @@
 """``edgellm convert``: Hugging Face checkpoint folder -> GGUF file, without torch.
 
-    edgellm convert MODEL_DIR -o OUT.gguf [--type f16] [--quiet] [--json]
+    edgellm convert MODEL_DIR -o OUT.gguf [--type f16] [--imatrix auto|FILE] [--calibration FILE]
+        [--tensor-type PATTERN=TYPE ...] [--output-tensor-type T] [--token-embedding-type T] [--quiet] [--json]
 
 TYPE is a llama.cpp file type: f32, f16, bf16 and q8_0 are written directly (the same bytes as llama.cpp's
 convert_hf_to_gguf.py); q4_k_m, iq4_xs, ... go through llama.cpp's quantizer. A progress bar goes to stderr
@@ -32,6 +33,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="GGUF file to write (default: MODEL_DIR's name + type, in the current folder)")
     parser.add_argument("-t", "--type", default="f16",
                         help="llama.cpp file type: f32, f16 (default), bf16, q8_0, or a quantized type like q4_k_m")
+    parser.add_argument("--imatrix", metavar="auto|FILE", default=None,
+                        help="importance matrix for quantized types: 'auto' computes one on calibration text, or "
+                             "an imatrix file (llama.cpp's GGUF or .dat format)")
+    parser.add_argument("--calibration", metavar="FILE", type=Path, default=None,
+                        help="text for --imatrix auto (default: the calibration text bundled with edgellm)")
+    parser.add_argument("--tensor-type", metavar="PATTERN=TYPE", action="append", type=_override, default=[],
+                        help="store tensors whose name matches the regular expression PATTERN as ggml TYPE "
+                             "(e.g. 'ffn_down=q6_k'); repeatable, first match wins")
+    parser.add_argument("--output-tensor-type", metavar="TYPE", default=None, help="ggml type of output.weight")
+    parser.add_argument("--token-embedding-type", metavar="TYPE", default=None,
+                        help="ggml type of token_embd.weight")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.set_defaults(run=run)
@@ -42,7 +54,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.output or Path(f"{args.model_dir.resolve().name}-{args.type.lower()}.gguf")
     bar = None if args.quiet else ProgressBar(sys.stderr)
     try:
-        result = convert(args.model_dir, out, args.type, quiet=True, progress=bar)
+        result = convert(args.model_dir, out, args.type, quiet=True, progress=bar, imatrix=args.imatrix,
+                         calibration=args.calibration, output_type=args.output_tensor_type,
+                         embedding_type=args.token_embedding_type, overrides=args.tensor_type or None)
     finally:
         if bar is not None:
             bar.close()
@@ -53,6 +67,14 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(summary(result))
     return 0
+
+
+def _override(text: str) -> tuple[str, str]:
+    """``PATTERN=TYPE`` -> (pattern, type); the type is checked by the library, which names it on error."""
+    pattern, sep, type_name = text.rpartition("=")
+    if not sep or not pattern or not type_name:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=TYPE (for example 'attn_v=q8_0')")
+    return pattern, type_name
 
 
 def summary(result: ConvertResult) -> str:
