@@ -24,6 +24,9 @@ COMMANDS = {
     "convert": "convert",
     "run": "run",
     "chat": "chat",
+    "serve": "serve",
+    "bench": "bench",
+    "eval": "eval",
 }
 
 EXIT_INTERRUPTED = 130
