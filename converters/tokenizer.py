@@ -159,9 +159,11 @@ def _spm_type(sp, i: int) -> int:
     return next((kind for check, kind in checks if check(i)), T.NORMAL)
 
 
-def _set_added(table: SpmTable, token_id: int, text: str, kind: int) -> None:
-    if table.types[token_id] != T.UNUSED and table.tokens[token_id] != text.encode("utf-8"):
-        logger.warning("replacing token %d: %r -> %r", token_id, table.tokens[token_id].decode("utf-8"), text)
+def _set_added(table: SpmTable, token_id: int, content: str, kind: int, normalize_spaces: bool = False) -> None:
+    """Overwrite a piece with an added token; like llama.cpp, warn only when the content itself differs."""
+    if table.types[token_id] != T.UNUSED and table.tokens[token_id] != content.encode("utf-8"):
+        logger.warning("replacing token %d: %r -> %r", token_id, table.tokens[token_id].decode("utf-8"), content)
+    text = content.replace(SPIECE_SPACE, " ") if normalize_spaces else content
     table.tokens[token_id], table.scores[token_id], table.types[token_id] = text.encode("utf-8"), ADDED_SCORE, kind
 
 
@@ -183,8 +185,7 @@ def spm_added_tokens(table: SpmTable, files: TokenizerFiles) -> SpmTable:
             logger.warning("ignoring added token %d %r: beyond the vocabulary (%d)", token_id, text, n)
             continue
         special = bool(data.get("special")) or does_token_look_special(text)
-        _set_added(table, token_id, text if special else text.replace(SPIECE_SPACE, " "),
-                   T.CONTROL if special else T.USER_DEFINED)
+        _set_added(table, token_id, text, T.CONTROL if special else T.USER_DEFINED, normalize_spaces=not special)
     return table
 
 

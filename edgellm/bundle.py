@@ -183,6 +183,7 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
         with os.fdopen(fd, "w", encoding="utf-8") as out:
             json.dump(manifest_to_dict(manifest), out, indent=2)
             out.write("\n")
+        os.chmod(tmp, 0o666 & ~_umask())        # mkstemp makes it 0600; a manifest is as readable as its bundle
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -244,3 +245,10 @@ def resolve(path: str | Path, *, verify: bool = False) -> ResolvedModel:
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise ModelLoadError(str(path), f"expected a bundle folder or a {' or '.join(MODEL_SUFFIXES)} file")
     return ResolvedModel(model_path=path)
+
+
+def _umask() -> int:
+    """The process umask (reading it means setting it, so set it straight back)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

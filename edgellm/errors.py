@@ -202,7 +202,7 @@ class EvalTextError(EdgeLLMError):
     problem: str
 
 
-# --- fitting (edgellm.fit) ---
+# --- fitting (edgellm.fitting) ---
 
 @dataclass
 class NoFitError(EdgeLLMError):
@@ -228,6 +228,13 @@ class OnnxRunError(EdgeLLMError):
 class MeasureError(EdgeLLMError):
     path: str
     problem: str
+
+
+@dataclass
+class BudgetError(EdgeLLMError):
+    budget: str          # as asked, e.g. "120.00 MB" or "3.10 bits per weight"
+    problem: str         # why no choice of types fits, with numbers
+    hint_text: str
 
 
 def _join(names: list[str]) -> str:
@@ -292,6 +299,7 @@ MESSAGES: dict[type, tuple[str, str, int]] = {
     FitSourceError: ("cannot fit {path}: {problem}",
                      "pass a Hugging Face checkpoint folder (config.json + *.safetensors) or a .gguf file", 5),
     MeasureError: ("measuring {path} failed: {problem}", "run with EDGELLM_DEBUG=1 for details", 6),
+    BudgetError: ("cannot fit the model in {budget}: {problem}", "{hint_text}", 2),
     OnnxRunError: ("ONNX Runtime failed running {path}: {problem}",
                    "check that onnxruntime is recent enough for the graph's ops (GroupQueryAttention, "
                    "MatMulNBits), or re-export for this provider with --provider", 6),

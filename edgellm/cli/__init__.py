@@ -22,6 +22,7 @@ COMMANDS = {
     "probe": "probe",
     "devices": "devices",
     "convert": "convert",
+    "fit": "fit",
     "run": "run",
     "chat": "chat",
     "serve": "serve",

