@@ -117,7 +117,7 @@ def test_fit_messages_policies():
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
-    converters = pytest.importorskip("edgellm.converters", reason="the GGUF converter is not available yet")
+    from edgellm import converters
     out = tmp_path_factory.mktemp("tiny-chat") / "tiny-gemma.gguf"
     converters.convert(tiny_checkpoint("gemma3_text"), out, "f32")
     return out

@@ -284,7 +284,7 @@ def test_resolve_checks_sizes_and_hashes_only_when_asked(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tiny_checkpoint, tmp_path_factory) -> Path:
-    converters = pytest.importorskip("edgellm.converters", reason="the GGUF converter is not available yet")
+    from edgellm import converters
     out = tmp_path_factory.mktemp("tiny-gguf") / "tiny-llama.gguf"
     converters.convert(tiny_checkpoint("llama"), out, "f32")
     return out
@@ -489,7 +489,7 @@ def test_gemma_detokenizes_multibyte_text_and_stops_on_strings(gemma):
 def test_sliding_window_cache_reuses_what_it_still_holds(tiny_checkpoint, tmp_path):
     # gemma3 with a 4-token window: the SWA layers keep only their window, so a prompt that extends the
     # cached one reuses it, and one that diverges further back than a window is evaluated afresh
-    converters = pytest.importorskip("edgellm.converters")
+    from edgellm import converters
     gguf_path = tmp_path / "swa.gguf"
     converters.convert(tiny_checkpoint("gemma3_text", sliding_window=4), gguf_path, "f32")
     with Runtime.load(gguf_path, n_ctx=128, n_threads=THREADS) as rt:
