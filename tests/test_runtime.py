@@ -403,8 +403,11 @@ def test_unloadable_files_raise_typed_errors(tmp_path):
     (tmp_path / "broken.gguf").write_bytes(b"not a gguf file at all")
     with pytest.raises(ModelLoadError, match="broken.gguf"):
         Runtime.load(tmp_path / "broken.gguf", n_threads=1)
+    (tmp_path / "model.tflite").write_bytes(b"x")
+    with pytest.raises(ModelLoadError, match="expected a bundle folder or a .gguf or .onnx file"):
+        Runtime.load(tmp_path / "model.tflite", n_threads=1)
     (tmp_path / "model.onnx").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="no backend here runs .onnx"):
+    with pytest.raises(ModelLoadError, match="not an ONNX model folder"):
         Runtime.load(tmp_path / "model.onnx", n_threads=1)
 
 

@@ -302,5 +302,10 @@ def _load_gguf(model_path: Path, *, n_batch: int | None, **options: Any) -> Back
     return LlamaCppBackend.load(model_path, n_batch=n_batch or DEFAULT_N_BATCH, **options)
 
 
+def _load_onnx(model_path: Path, **options: Any) -> Backend:
+    from edgellm.runtime import onnx
+    return onnx.load(model_path, **options)
+
+
 # model file suffix -> loader
-_LOADERS = {".gguf": _load_gguf}
+_LOADERS = {".gguf": _load_gguf, ".onnx": _load_onnx}

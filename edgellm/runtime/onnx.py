@@ -1,0 +1,381 @@
+"""The ONNX Runtime backend: an ONNX folder (model.onnx + genai_config.json) behind ``base.Backend``.
+
+* Execution provider: the one asked for, else the one the graph was exported for (model metadata or
+  genai_config.json), tried against ``onnxruntime.get_available_providers()``; a provider that is missing
+  or that ONNX Runtime drops while creating the session falls back to the CPU, and the fallback is
+  logged and kept in ``provider_note`` (never silent).
+* KV cache: graphs with GroupQueryAttention (genai_config ``past_present_share_buffer``) get one
+  preallocated (1, kv_heads, n_ctx, head_dim) buffer per layer and tensor, bound with IO binding as both
+  ``past_key_values.{i}`` and ``present.{i}``: GQA appends in place, nothing is copied per token, and
+  ``truncate`` only moves ``n_past``. Standard-op graphs (Concat) feed each run's present as the next past.
+* Only the positions that need logits are computed: ``logits_to_keep`` (an input with a default that our
+  exporter adds) is set to the span from the first requested position to the end of the call.
+* Tokenization: llama.cpp's tokenizer on the vocabulary-only ``tokenizer.gguf`` the exporter writes, so an
+  ONNX bundle and a GGUF of the same checkpoint give the same ids, special tokens and chat template.
+* Threads: ONNX Runtime fixes its intra-op pool when a session is created, so ``set_threads`` recreates
+  the session when the decode count changes (weights are memory-mapped; the KV buffers are kept). One
+  pool serves decode and prompt batches; the batch count is recorded but cannot differ.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from edgellm.backends import BACKENDS, BY_ORT_PROVIDER
+from edgellm.errors import ContextOverflowError, ModelLoadError, OnnxRunError
+from edgellm.runtime.base import LogitsFor, default_n_ctx, output_indices
+
+logger = logging.getLogger("edgellm.onnxruntime")
+
+GENAI_CONFIG = "genai_config.json"
+VOCAB_GGUF = "tokenizer.gguf"
+DEFAULT_N_BATCH = 512            # prompt tokens per session run (bounds GQA's (heads, seq, total) scratch)
+CPU = "CPUExecutionProvider"
+LOGITS_TO_KEEP = "logits_to_keep"
+# provider short name (edgellm.backends api) -> OrtValue device for the KV buffers
+KV_DEVICES = {"cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
+ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+# --- which execution provider (pure) ---
+
+@dataclass(frozen=True)
+class ProviderChoice:
+    backend: str                 # id in edgellm.backends.BACKENDS
+    providers: tuple[str, ...]   # ORT providers in session order (the CPU always last, for unsupported nodes)
+    reason: str
+    fallback: bool               # the wanted provider was not usable
+
+
+def provider_name(name: str) -> str:
+    """"cuda", "onnxruntime-cuda" or "CUDAExecutionProvider" -> "CUDAExecutionProvider"."""
+    if name in BY_ORT_PROVIDER:
+        return name
+    key = name.lower().removeprefix("onnxruntime-")
+    row = BACKENDS.get(f"onnxruntime-{key}")
+    if row is None or row.ort_provider is None:
+        known = sorted(b.api for b in BACKENDS.values() if b.ort_provider)
+        raise ModelLoadError(name, f"unknown execution provider; known: {', '.join(known)}")
+    return row.ort_provider
+
+
+def choose_provider(requested: str | None, built_for: str | None, available: Sequence[str]) -> ProviderChoice:
+    """The provider to run with: ``requested``, else ``built_for`` (what the graph was exported for), else the
+    CPU; a wanted provider missing from ``available`` falls back to the CPU with the reason said."""
+    wanted = provider_name(requested or built_for or "cpu")
+    source = "requested" if requested else ("the graph was exported for it" if built_for else "default")
+    if wanted in available:
+        chain = (wanted,) if wanted == CPU else (wanted, CPU)
+        return ProviderChoice(BY_ORT_PROVIDER[wanted].id, chain, f"{wanted} ({source})", False)
+    reason = (f"{wanted} ({source}) is not in this onnxruntime build (it has {', '.join(available)}): "
+              f"falling back to {CPU}")
+    return ProviderChoice(BY_ORT_PROVIDER[CPU].id, (CPU,), reason, True)
+
+
+# --- the folder ---
+
+@dataclass(frozen=True)
+class Folder:
+    """What an ONNX folder says about itself."""
+
+    root: Path
+    model: Path
+    config: dict[str, Any]       # genai_config.json
+    metadata: dict[str, str]     # model.onnx metadata_props
+
+    @property
+    def decoder(self) -> dict[str, Any]:
+        return self.config["model"]["decoder"]
+
+    @property
+    def built_for(self) -> str | None:
+        if "edgellm.provider" in self.metadata:
+            return self.metadata["edgellm.provider"]
+        options = self.decoder.get("session_options", {}).get("provider_options") or [{}]
+        return next(iter(options[0]), None)
+
+    @property
+    def shares_buffer(self) -> bool:
+        return bool(self.config.get("search", {}).get("past_present_share_buffer", False))
+
+
+def open_folder(path: str | Path) -> Folder:
+    """Read genai_config.json and the model's metadata (not its weights) from a folder or its model.onnx.
+
+    Raises:
+        ModelLoadError: no genai_config.json, or it names a missing model file.
+    """
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    try:
+        config = json.loads((root / GENAI_CONFIG).read_text(encoding="utf-8"))
+        model = root / config["model"]["decoder"]["filename"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(str(root), f"not an ONNX model folder: cannot read {GENAI_CONFIG} ({exc})") from None
+    if not path.is_dir() and path.resolve() != model.resolve():
+        model = path
+    if not model.is_file():
+        raise ModelLoadError(str(model), "no such file")
+    import onnx     # only the graph's metadata; external weights are not loaded
+    proto = onnx.load_model(str(model), load_external_data=False)
+    metadata = {p.key: p.value for p in proto.metadata_props}
+    return Folder(root, model, config, metadata)
+
+
+# --- tokenizer: llama.cpp on the vocabulary GGUF ---
+
+def _vocab_class():
+    """llama.cpp's tokenizer methods from the GGUF backend, on a vocabulary-only model (no context)."""
+    from edgellm.runtime import llamacpp
+
+    class LlamaVocab(llamacpp.LlamaCppBackend):
+        def __init__(self, path: Path, verbose: bool) -> None:     # noqa: D401 - no context, no batch
+            import llama_cpp
+            llamacpp._init(verbose)
+            params = llama_cpp.llama_model_default_params()
+            params.vocab_only = True
+            self._model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+            if not self._model:
+                raise ModelLoadError(str(path), llamacpp._recent_problems("llama.cpp could not read the vocabulary"))
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            self._pieces: dict[int, bytes] = {}
+            self.metadata = self._read_metadata()
+            template = llama_cpp.llama_model_chat_template(self._model, None)
+            self.chat_template = template.decode("utf-8") if template else None
+            self.special = self._read_special()
+
+        def close(self) -> None:
+            import llama_cpp
+            if self._model:
+                llama_cpp.llama_model_free(self._model)
+                self._model = None
+
+    return LlamaVocab
+
+
+# --- the backend ---
+
+class OnnxBackend:
+    """An ONNX Runtime session and one KV sequence. See ``edgellm.runtime.base.Backend``."""
+
+    def __init__(self, folder: Folder, choice: ProviderChoice, n_ctx: int, n_batch: int, n_threads: int,
+                 verbose: bool) -> None:
+        self.folder, self.choice, self._vocab, self._verbose = folder, choice, None, verbose
+        self.path = folder.model
+        self.id = choice.backend
+        model = folder.config["model"]
+        self.n_ctx_train = int(model["context_length"])
+        self.n_ctx, self.n_batch = n_ctx, n_batch
+        self.n_vocab = int(model["vocab_size"])
+        self.metadata: dict[str, str] = {**folder.metadata, "onnx.provider": choice.providers[0]}
+        self.provider_reason = choice.reason
+        self.provider_note: str | None = choice.reason if choice.fallback else None
+        self.mlock_locked, self.mlock_note = False, None
+        self._threads = (n_threads, n_threads)
+        self._session = self._create_session(n_threads)
+        self._layout()
+        self._n_past = 0
+        self._kv: list[list[Any]] = self._allocate_kv() if self._shared else []
+        self._io = self._binding() if self._shared else None
+
+    # --- loading ---
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_ctx: int | None = None, n_threads: int = 1, n_threads_batch: int | None = None,
+             n_batch: int | None = None, provider: str | None = None, mmap: bool = True, mlock: bool = False,
+             kv_type: str | None = None, n_gpu_layers: int | None = None, verbose: bool = False) -> "OnnxBackend":
+        """Load an ONNX folder (or its model.onnx) with a KV cache of ``n_ctx`` tokens (None: base.default_n_ctx,
+        at most the exported context). ``provider``: cuda, openvino... (None: what the graph was built for).
+        ``kv_type`` and ``n_gpu_layers`` are llama.cpp settings and are ignored (the KV cache has the graph's
+        dtype; a provider runs the whole graph); ``mmap=False``/``mlock`` cannot be honoured (ONNX Runtime
+        maps aligned external weights itself): noted in ``mlock_note``.
+
+        Raises:
+            ModelLoadError: not an ONNX folder, no tokenizer.gguf, or ONNX Runtime cannot create the session.
+        """
+        folder = open_folder(path)
+        vocab_path = folder.root / VOCAB_GGUF
+        if not vocab_path.is_file():
+            raise ModelLoadError(str(folder.root), f"no {VOCAB_GGUF} (the tokenizer edgellm's runtime uses): "
+                                                   "re-export with `edgellm convert MODEL --format onnx`")
+        choice = choose_provider(provider, folder.built_for, ort.get_available_providers())
+        if choice.fallback:
+            logger.warning("%s", choice.reason)
+        train = int(folder.config["model"]["context_length"])
+        backend = cls(folder, choice, min(n_ctx or default_n_ctx(train), train), n_batch or DEFAULT_N_BATCH,
+                      n_threads, verbose)
+        # the tokenizer after the session: ORT's load peaks (mapped weights + prepacked copies) before it settles
+        vocab = backend._vocab = _vocab_class()(vocab_path, verbose)
+        backend.special, backend.chat_template = vocab.special, vocab.chat_template
+        backend.metadata = {**vocab.metadata, **backend.metadata}
+        notes = ["mlock is not supported by ONNX Runtime; the model stays unlocked" if mlock else "",
+                 "mmap=False is not supported: ONNX Runtime memory-maps aligned external weights" if not mmap else ""]
+        backend.mlock_note = "; ".join(n for n in notes if n) or None
+        return backend
+
+    def _create_session(self, n_threads: int) -> ort.InferenceSession:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = n_threads
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # 3 = errors only: ORT warns about the logits_to_keep default on every load
+        options.log_severity_level = 2 if self._verbose else 3
+        try:
+            session = ort.InferenceSession(str(self.path), options, providers=list(self.choice.providers))
+        except Exception as exc:   # onnxruntime raises its own Fail/InvalidGraph/... types
+            raise ModelLoadError(str(self.path), f"ONNX Runtime could not create a session: {exc}") from None
+        active = session.get_providers()
+        if self.choice.providers[0] not in active:
+            self.provider_note = (f"ONNX Runtime did not enable {self.choice.providers[0]} (active: "
+                                  f"{', '.join(active)}); running on {CPU}")
+            logger.warning("%s", self.provider_note)
+            self.id = BY_ORT_PROVIDER[CPU].id
+        return session
+
+    def _layout(self) -> None:
+        """Input names, KV shapes and dtype from the session's signature."""
+        inputs = {i.name: i for i in self._session.get_inputs()}
+        decoder = self.folder.decoder
+        names = self._names = decoder["inputs"]
+        self._past_names = [names["past_key_names"] % i for i in range(int(decoder["num_hidden_layers"]))]
+        self._dtype = np.dtype(ORT_TYPES[inputs[self._past_names[0]].type])
+        self._kv_heads, self._head_dim = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
+        self._positions = names.get("position_ids") if names.get("position_ids") in inputs else None
+        self._logits = decoder["outputs"]["logits"]
+        overridable = {i.name for i in self._session.get_overridable_initializers()}
+        self._keep = LOGITS_TO_KEEP in (overridable | set(inputs))
+        self._shared = self.folder.shares_buffer
+
+    def _allocate_kv(self) -> list[list[Any]]:
+        device = KV_DEVICES.get(BACKENDS[self.id].api, "cpu")
+        shape = [1, self._kv_heads, self.n_ctx, self._head_dim]
+        return [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, device, 0) for _ in range(2)]
+                for _ in self._past_names]
+
+    # --- tokens (llama.cpp) ---
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        return self._vocab.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def token_bytes(self, token: int) -> bytes:
+        return self._vocab.token_bytes(token)
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return self._vocab.detokenize(tokens)
+
+    def is_end(self, token: int) -> bool:
+        return self._vocab.is_end(token)
+
+    # --- KV cache ---
+
+    @property
+    def n_past(self) -> int:
+        return self._n_past
+
+    def decode(self, tokens: Sequence[int], logits_for: LogitsFor = "last") -> np.ndarray:
+        wanted = output_indices(len(tokens), logits_for)
+        if self._n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(self._n_past + len(tokens), self.n_ctx, "the sequence")
+        rows = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = list(tokens[start:start + self.n_batch])
+            outputs = [i - start for i in wanted if start <= i < start + len(chunk)]
+            logits = self._run(chunk, outputs)
+            if outputs:
+                rows.append(logits)
+        return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+
+    def _run(self, tokens: list[int], outputs: list[int]) -> np.ndarray:
+        """One session run over ``tokens`` at n_past; logits (len(outputs), n_vocab) float32."""
+        n, past = len(tokens), self._n_past
+        keep = n - outputs[0] if outputs else 1
+        io = self._io if self._shared else self._binding()
+        io.bind_output(self._logits, "cpu")        # unallocated again: its shape changes between runs
+        io.bind_cpu_input(self._names["input_ids"], np.array([tokens], np.int64))
+        io.bind_cpu_input(self._names["attention_mask"], np.ones((1, past + n), np.int64))
+        if self._positions:
+            io.bind_cpu_input(self._positions, np.arange(past, past + n, dtype=np.int64)[None])
+        if self._keep:
+            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
+        try:
+            self._session.run_with_iobinding(io)
+        except Exception as exc:
+            raise OnnxRunError(str(self.path), str(exc).strip().splitlines()[0]) from None
+        values = io.get_outputs()
+        if not self._shared:
+            self._kv = [[values[1 + 2 * i], values[2 + 2 * i]] for i in range(len(self._past_names))]
+        self._n_past = past + n
+        logits = values[0].numpy()[0]                  # (keep or n, n_vocab)
+        first = n - logits.shape[0]
+        return logits[[o - first for o in outputs]].astype(np.float32, copy=False)
+
+    def _binding(self) -> Any:
+        """A new IO binding with the outputs and the KV cache bound. Shared-buffer graphs keep one for the
+        session's life (their buffers never move; each run rebinds only ids, mask and logits_to_keep)."""
+        io = self._session.io_binding()
+        io.bind_output(self._logits, "cpu")        # first: get_outputs() follows the binding order
+        self._bind_cache(io)
+        return io
+
+    def _bind_cache(self, io: Any) -> None:
+        names = self.folder.decoder
+        for i, past_key in enumerate(self._past_names):
+            pasts = (past_key, names["inputs"]["past_value_names"] % i)
+            presents = (names["outputs"]["present_key_names"] % i, names["outputs"]["present_value_names"] % i)
+            for j in range(2):
+                if self._shared:          # one buffer for past and present: GQA appends at n_past in place
+                    io.bind_ortvalue_input(pasts[j], self._kv[i][j])
+                    io.bind_ortvalue_output(presents[j], self._kv[i][j])
+                else:
+                    io.bind_ortvalue_input(pasts[j], self._past_value(i, j))
+                    io.bind_output(presents[j], KV_DEVICES.get(BACKENDS[self.id].api, "cpu"))
+
+    def _past_value(self, layer: int, which: int) -> Any:
+        if self._kv and self._n_past:
+            return self._kv[layer][which]
+        return ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._head_dim), self._dtype))
+
+    def truncate(self, n_past: int) -> bool:
+        if n_past >= self._n_past:
+            return True
+        if not self._shared and self._kv and n_past > 0:
+            self._kv = [[ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n_past]))
+                         for v in pair] for pair in self._kv]
+        self._n_past = max(n_past, 0)
+        return True
+
+    # --- resources ---
+
+    def set_threads(self, n_decode: int, n_batch: int) -> None:
+        """Recreate the session when the pool size changes (ONNX Runtime fixes it per session)."""
+        if n_decode != self._threads[0]:
+            self._session = self._create_session(n_decode)
+            self._io = self._binding() if self._shared else None
+        self._threads = (n_decode, n_decode)
+        if n_batch != n_decode:
+            logger.debug("ONNX Runtime uses one thread pool: batch threads %d ignored, %d used", n_batch, n_decode)
+
+    @property
+    def threads(self) -> tuple[int, int]:
+        return self._threads
+
+    def close(self) -> None:
+        self._session = self._io = None
+        self._kv = []
+        if self._vocab is not None:
+            self._vocab.close()
+            self._vocab = None
+
+
+def load(model_path: str | Path, **options: Any) -> OnnxBackend:
+    """``Runtime``'s loader for ``.onnx`` files (``edgellm.runtime.core._LOADERS``): ``OnnxBackend.load``."""
+    return OnnxBackend.load(model_path, **options)
