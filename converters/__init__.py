@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["ConvertResult", "convert", "model_spec", "OUTPUT_TYPES"]
 
+MIXED = "MIXED"   # ConvertResult.type of a budgeted conversion: every tensor's type was chosen by measurement
 # config.json torch_dtype -> safetensors dtype it announces
 TORCH_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16"}
 
@@ -153,18 +154,25 @@ def _quantize_module():
     return module
 
 
-def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, quiet: bool = True,
+def convert(model_dir: str | Path, out_path: str | Path, type: str | None = None, *, quiet: bool = True,
             progress: Progress | None = None, imatrix: Any = None, calibration: str | Path | None = None,
             output_type: str | None = None, embedding_type: str | None = None,
-            overrides: Any = None) -> ConvertResult:
+            overrides: Any = None, target_size: int | str | None = None,
+            target_bpw: float | None = None) -> ConvertResult:
     """Convert the Hugging Face checkpoint in ``model_dir`` to a GGUF file at ``out_path``.
 
-    ``type``: a llama.cpp file type, case-insensitive: f32, f16, bf16 and q8_0 are written directly, the
-    others (q4_k_m, iq4_xs, ...) by quantizing an intermediate F16 file (F32 when F16 would overflow).
-    ``progress(done_bytes, total_bytes, tensor_name)`` is called after each tensor. ``quiet=False`` logs
-    every tensor at INFO level. ``imatrix``, ``output_type``, ``embedding_type`` and ``overrides`` are passed
-    to ``quantize_gguf`` for quantized types; with ``imatrix="auto"`` the importance matrix is computed on the
-    ``calibration`` text file (default: the calibration text bundled with edgellm).
+    ``type``: a llama.cpp file type, case-insensitive (default f16): f32, f16, bf16 and q8_0 are written
+    directly, the others (q4_k_m, iq4_xs, ...) by quantizing an intermediate F16 file (F32 when F16 would
+    overflow). ``progress(done, total, what)`` is called after each tensor (and each measuring step).
+    ``quiet=False`` logs every tensor at INFO level. ``imatrix``, ``output_type``, ``embedding_type`` and
+    ``overrides`` are passed to ``quantize_gguf`` for quantized types; with ``imatrix="auto"`` the importance
+    matrix is computed on the ``calibration`` text file (default: the calibration text bundled with edgellm).
+
+    ``target_size`` (bytes, or a string such as ``"180 MB"``) or ``target_bpw`` (bits per weight) replace
+    ``type``: every tensor gets the type that minimises the expected KL divergence of the whole file within
+    that budget, from per-tensor sensitivity measured on the calibration text (``converters.sensitivity``);
+    the file lands at most 1% under the budget and records each tensor's type and why under the GGUF key
+    ``edgellm.quantization.allocation`` (``sensitivity.read_allocation`` reads it back).
 
     Returns a ``ConvertResult``. The file appears only when complete (written as OUT.partial, renamed).
 
@@ -176,14 +184,17 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, q
         ConvertOutputError: the output cannot be written (disk full...).
     """
     start = time.monotonic()
-    kind = file_type(type).name
+    budgeted = target_size is not None or target_bpw is not None
+    if budgeted:
+        _check_budget_options(type, target_size, target_bpw, output_type, embedding_type, overrides)
+    kind = MIXED if budgeted else file_type(type or "f16").name
     out_path = Path(out_path)
     if out_path.is_dir():
         raise UsageError(problem=f"output {out_path} is a directory", hint_text="pass a file name such as model.gguf")
     quantize_options = {k: v for k, v in dict(imatrix=imatrix, output_type=output_type,
                                                embedding_type=embedding_type, overrides=overrides).items()
                         if v is not None}
-    if calibration is not None and str(imatrix) != "auto":
+    if calibration is not None and str(imatrix) != "auto" and not budgeted:
         raise UsageError(problem="a calibration text is only used to compute an importance matrix",
                          hint_text="add --imatrix auto, or drop --calibration")
     if quantize_options and kind in OUTPUT_TYPES:
@@ -191,7 +202,10 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str = "f16", *, q
                                  f"not {kind}", hint_text="drop them or pick a type such as q4_k_m")
     model = _open(model_dir)
     try:
-        if kind in OUTPUT_TYPES:
+        if budgeted:
+            size, types, data_bytes, n_params = _convert_budgeted(model, out_path, quiet, progress, imatrix,
+                                                                  calibration, target_size, target_bpw)
+        elif kind in OUTPUT_TYPES:
             size, plans = _write(model, out_path, OUTPUT_TYPES[kind], quiet, progress)
             types = Counter(p.qtype.name for p in plans)
             data_bytes = sum(p.nbytes for p in plans)
@@ -230,18 +244,75 @@ def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, pr
     return _summarize(out_path, quantize.read_gguf_header(out_path))
 
 
+def _check_budget_options(type: str | None, target_size: Any, target_bpw: Any, *fixed: Any) -> None:
+    """A budget chooses every tensor's type: refuse anything else that would choose one too."""
+    if target_size is not None and target_bpw is not None:
+        raise UsageError(problem="--target-size and --target-bpw both set the budget",
+                         hint_text="give one of them")
+    if type is not None:
+        raise UsageError(problem=f"--type {type} and a target size both choose the tensor types",
+                         hint_text="drop --type: with --target-size/--target-bpw every tensor's type is chosen")
+    if any(v is not None for v in fixed):
+        raise UsageError(problem="--tensor-type, --output-tensor-type and --token-embedding-type fix types that "
+                                 "a target size chooses", hint_text="use either a target size or fixed types")
+
+
+def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Progress | None, imatrix: Any,
+                      calibration: str | Path | None, target_size: int | str | None,
+                      target_bpw: float | None) -> tuple[int, Counter, int, int]:
+    """F16 intermediate, per-tensor sensitivity on calibration text, then the allocation through llama.cpp."""
+    from edgellm.converters import sensitivity
+    from edgellm.units import UnitError, format_bytes, parse_bytes
+
+    tmp = out_path.with_name(f".{out_path.name}.intermediate.gguf")   # loaded by llama.cpp: keeps a .gguf suffix
+    text = _read_calibration(calibration)
+
+    def relay(stage: str, done: int, total: int) -> None:
+        if progress is not None:
+            progress(done, total, stage)
+
+    try:
+        _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
+        if target_bpw is not None:
+            if not 0 < float(target_bpw) <= 32:
+                raise UsageError(problem=f"--target-bpw {target_bpw} is not a number of bits per weight",
+                                 hint_text="for example 4.5")
+            budget, label = sensitivity.budget_for_bpw(tmp, float(target_bpw)), f"{target_bpw} bits/weight"
+        else:
+            try:
+                budget = int(target_size) if isinstance(target_size, int) else parse_bytes(str(target_size))
+            except UnitError as exc:
+                raise UsageError(problem=f"--target-size: {exc}", hint_text="for example '180 MB'") from None
+            label = format_bytes(budget)
+        result, allocation = sensitivity.quantize_to_budget(
+            tmp, out_path, budget, imatrix="auto" if imatrix is None else imatrix, calibration_text=text,
+            budget_label=label, progress=relay)
+    finally:
+        tmp.unlink(missing_ok=True)
+    counts = ", ".join(f"{n} {t}" for t, n in allocation.type_counts().items())
+    model.notes.append(f"types chosen for {label} ({format_bytes(result.size_bytes)} written): {counts}; "
+                       f"expected KLD {allocation.expected_loss:.4f} (recorded under {sensitivity.alloc.METADATA_KEY})")
+    source = f"calibration text {calibration}" if calibration else "edgellm's bundled calibration text"
+    model.notes.append(f"importance matrix and sensitivity measured on {result.imatrix_tokens} tokens of {source}")
+    model.imatrix_tokens = result.imatrix_tokens
+    return _summarize(out_path, sensitivity.read_gguf_header(out_path))
+
+
+def _read_calibration(calibration: str | Path | None) -> str | None:
+    if calibration is None:
+        return None
+    try:
+        return Path(calibration).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(problem=f"cannot read the calibration text {calibration}: {exc}",
+                         hint_text="pass a UTF-8 text file") from None
+
+
 def _auto_imatrix(gguf_path: Path, calibration: str | Path | None, notes: list[str]) -> Any:
     """Compute the importance matrix on the intermediate file, from ``calibration`` or the bundled text."""
     from edgellm.converters.imatrix import compute_imatrix
 
-    text = None
-    if calibration is not None:
-        try:
-            text = Path(calibration).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(problem=f"cannot read the calibration text {calibration}: {exc}",
-                             hint_text="pass a UTF-8 text file") from None
-    matrix = compute_imatrix(gguf_path, text=text)
+    matrix = compute_imatrix(gguf_path, text=_read_calibration(calibration))
     source = f"calibration text {calibration}" if calibration else "edgellm's bundled calibration text"
     notes.append(f"importance matrix computed on {matrix.n_tokens} tokens of {source}")
     return matrix

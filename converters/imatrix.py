@@ -29,6 +29,7 @@ from typing import Callable
 import gguf
 import numpy as np
 
+from edgellm.converters.quant_types import OUTPUT, TOKEN_EMBD
 from edgellm.converters.quantize import capture_llama_log
 from edgellm.errors import ImatrixError, ModelLoadError, UsageError
 
@@ -42,6 +43,7 @@ KEY_CHUNK_SIZE = "imatrix.chunk_size"
 SUFFIX_SUMS = ".in_sum2"
 SUFFIX_COUNTS = ".counts"
 DEFAULT_MAX_TOKENS = 4096
+HEAD_TENSORS = frozenset({OUTPUT, TOKEN_EMBD[0]})   # MUL_MAT weights of the output head (tied: token_embd)
 MIN_CTX = 8                  # a window is BOS plus text; tiny windows measure little but BOS
 DEFAULT_BATCH = 256          # tokens per llama_decode; logits for all of them are kept (n_vocab floats each)
 
@@ -268,8 +270,9 @@ class _Collector:
     squares. ``new_graph`` must be called between llama_decode calls, when node addresses stop meaning anything.
     """
 
-    def __init__(self, ggml: _Ggml):
+    def __init__(self, ggml: _Ggml, process_output: bool = False):
         self.ggml = ggml
+        self.process_output = process_output   # also collect the output head (llama-imatrix --process-output)
         self.sums: dict[str, np.ndarray] = {}
         self.counts: dict[str, np.ndarray] = {}
         self.skipped: set[str] = set()
@@ -292,7 +295,8 @@ class _Collector:
             return False
         src0, src1 = _GgmlTensor.from_address(t.src[0]), _GgmlTensor.from_address(t.src[1])
         name = weight_name(src0.name)
-        if not name.startswith("blk.") or src1.type != GGML_TYPE_F32:
+        wanted = name.startswith("blk.") or (self.process_output and name in HEAD_TENSORS)
+        if not wanted or src1.type != GGML_TYPE_F32:
             return False
         if t.op == self.ggml.mul_mat_id:
             self.skipped.add(name)
@@ -361,11 +365,15 @@ def take_tokens(windows: list[list[int]], budget: int) -> list[list[int]]:
 
 def compute_imatrix(gguf_path: str | Path, text: str | None = None, *, n_ctx: int = 512,
                     max_tokens: int = DEFAULT_MAX_TOKENS, n_threads: int | None = None,
-                    progress: Progress | None = None, dataset: str | None = None) -> Imatrix:
+                    progress: Progress | None = None, dataset: str | None = None,
+                    process_output: bool = False) -> Imatrix:
     """Compute an importance matrix for ``gguf_path`` by running it in llama.cpp on ``text``.
 
     ``text`` defaults to the bundled calibration text; at most ``max_tokens`` tokens (BOS included) are evaluated
     in windows of ``n_ctx`` tokens. ``progress(tokens_done, tokens_total)`` is called after each batch.
+    ``process_output`` also collects the output head's input (``output.weight``, or ``token_embd.weight`` when
+    the embedding is tied), as ``llama-imatrix --process-output`` does; llama.cpp's quantizer uses it for the
+    head when present. The budgeted allocator needs it: on Gemma 3 270M the tied head is most of the model.
 
     Returns:
         Imatrix: sums and counts per blk.* weight matrix; ``n_tokens`` says how many tokens were evaluated.
@@ -381,7 +389,7 @@ def compute_imatrix(gguf_path: str | Path, text: str | None = None, *, n_ctx: in
     source = dataset or ("edgellm calibration.txt" if text is None else "text")
     text = default_calibration_text() if text is None else text
     ggml = _Ggml.load()
-    collector = _Collector(ggml)
+    collector = _Collector(ggml, process_output)
     callback = llama_cpp.ggml_backend_sched_eval_callback(collector)   # referenced until the context is freed
     start = time.perf_counter()
     with capture_llama_log() as captured, _Model(gguf_path, n_ctx, n_threads, callback, captured) as model:

@@ -2,7 +2,7 @@
 
 Three measurements, all on the unquantized (F16) GGUF and calibration text, feed ``allocate.solve``:
 
-1. **Importance** (``compute_imatrix_with_head``): llama.cpp's importance matrix, plus the output head's
+1. **Importance** (``imatrix.compute_imatrix(..., process_output=True)``): llama.cpp's importance matrix, plus the output head's
    input statistics (``output.weight``, or ``token_embd.weight`` when the embedding is tied), as
    ``llama-imatrix --process-output`` collects them. On Gemma 3 270M the tied 168M-parameter embedding is
    most of the model; quantized with these weights its error halves (KLD 0.016 -> 0.008 at Q5_1).
@@ -68,7 +68,6 @@ DEFAULT_SAMPLE_WEIGHTS = 1 << 17   # weights per tensor quantized to estimate it
 DEFAULT_PROBE_WINDOWS = 2       # calibration windows each probe scores
 DEFAULT_PROBE_WINDOW = 128      # tokens per window, BOS included (256 gave the same allocations, slower)
 DEFAULT_PROBE_SCORED = 64       # scored positions at the end of each window (logits: n_vocab floats each)
-HEAD_TENSORS = frozenset({OUTPUT, TOKEN_EMBD[0]})   # MUL_MAT weights of the output head (tied: token_embd)
 IMATRIX_KV_RESERVE = 1024       # bytes for the quantize.imatrix.* keys llama.cpp adds to the header
 MAX_SIZE_RETRIES = 2            # re-solves when the written file misses the budget
 LANDING = 0.01                  # a file may land at most this fraction under the budget
@@ -77,59 +76,7 @@ TINY = 1e-30                    # floor for errors and norms of all-zero tensors
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 1. Importance, with the output head
-# ---------------------------------------------------------------------------------------------------------------
-
-class _HeadCollector(imx._Collector):
-    """imatrix's eval callback, also collecting the output head's input (llama-imatrix --process-output).
-
-    # TODO(lead): this belongs in imatrix.compute_imatrix as ``process_output=True``; this subclass reaches
-    # into imatrix's private collector only because that module is not ours to change.
-    """
-
-    def _handle(self, address: int, ask: bool) -> bool:
-        t = imx._GgmlTensor.from_address(address)
-        if t.op == self.ggml.mul_mat and t.src[0] and t.src[1]:
-            src0, src1 = imx._GgmlTensor.from_address(t.src[0]), imx._GgmlTensor.from_address(t.src[1])
-            name = imx.weight_name(src0.name)
-            if name in HEAD_TENSORS and src1.type == imx.GGML_TYPE_F32:
-                if not ask:
-                    self._add(name, *self._squares(src0, src1, t.src[1]))
-                return True
-        return super()._handle(address, ask)
-
-
-def compute_imatrix_with_head(gguf_path: str | Path, text: str | None = None, *, n_ctx: int = 512,
-                              max_tokens: int = imx.DEFAULT_MAX_TOKENS, n_threads: int | None = None,
-                              progress: imx.Progress | None = None) -> imx.Imatrix:
-    """``imatrix.compute_imatrix`` plus an entry for the output head (``output.weight`` or tied ``token_embd``).
-
-    Raises:
-        ImatrixError, ModelLoadError: as ``compute_imatrix``.
-    """
-    import llama_cpp
-
-    source = "edgellm calibration.txt" if text is None else "text"
-    text = imx.default_calibration_text() if text is None else text
-    collector = _HeadCollector(imx._Ggml.load())
-    callback = llama_cpp.ggml_backend_sched_eval_callback(collector)   # referenced until the context is freed
-    with capture_llama_log() as captured, imx._Model(gguf_path, n_ctx, n_threads, callback, captured) as model:
-        windows = imx.take_tokens(imx.chunk_tokens(model.tokenize(text), n_ctx, model.bos), max_tokens)
-        if not windows:
-            raise ImatrixError(path=str(gguf_path), problem="the calibration text yields no tokens",
-                               hint_text="pass a text of a few thousand tokens, or none for the bundled one")
-        done, total = 0, sum(len(w) for w in windows)
-        for window in windows:
-            done = model.evaluate(window, collector, done, total, progress)
-    if captured.error is not None:
-        raise captured.error
-    sums = {k: v.astype(np.float32) for k, v in collector.sums.items()}
-    counts = {k: v.astype(np.float32) for k, v in collector.counts.items()}
-    return imx.Imatrix(sums, counts, [source], len(windows), n_ctx, done, sorted(collector.skipped))
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2. Quantization errors, through ggml's own quantizer
+# Quantization errors, through ggml's own quantizer
 # ---------------------------------------------------------------------------------------------------------------
 
 def _ggml_quantize_chunk() -> Callable[..., int]:
@@ -251,7 +198,7 @@ def quantization_errors(f16_gguf: str | Path, importance: Mapping[str, np.ndarra
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# 3. Probes: KL divergence caused by quantizing chosen tensors, everything else F16
+# Probes: KL divergence caused by quantizing chosen tensors, everything else F16
 # ---------------------------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -424,7 +371,7 @@ def budget_for_bpw(f16_gguf: str | Path, bits_per_weight: float) -> int:
 def _importance(imatrix: imx.Imatrix | str | Path | None, f16_gguf: str | Path, text: str | None,
                 n_threads: int | None) -> imx.Imatrix:
     if imatrix is None or str(imatrix) == "auto":
-        return compute_imatrix_with_head(f16_gguf, text, n_threads=n_threads)
+        return imx.compute_imatrix(f16_gguf, text, n_threads=n_threads, process_output=True)
     if isinstance(imatrix, imx.Imatrix):
         return imatrix
     return imx.load_imatrix(imatrix)
@@ -518,7 +465,7 @@ def _measurements(importance: imx.Imatrix, errors: Mapping[str, TensorErrors], p
     return {
         "method": "expected KLD = gain(group) x (relative importance-weighted error + activation floor)",
         "importance_tokens": importance.n_tokens,
-        "head_importance": sorted(HEAD_TENSORS & set(importance.sums)),
+        "head_importance": sorted(imx.HEAD_TENSORS & set(importance.sums)),
         "error_sample_weights": sample_weights,
         "probe_runs": len(probes) + 1,
         "probe_tokens": windows.n_tokens,

@@ -196,11 +196,11 @@ def gemma640_f16(tiny_checkpoint, tmp_path_factory):
 
 
 def test_head_importance_is_collected(llama_f16, gemma640_f16):
-    from edgellm.converters.sensitivity import compute_imatrix_with_head
+    from edgellm.converters.imatrix import compute_imatrix
 
-    untied = compute_imatrix_with_head(llama_f16, max_tokens=256)
+    untied = compute_imatrix(llama_f16, max_tokens=256, process_output=True)
     assert untied.sums["output.weight"].shape == (1, 256)
-    tied = compute_imatrix_with_head(gemma640_f16, max_tokens=256)
+    tied = compute_imatrix(gemma640_f16, max_tokens=256, process_output=True)
     assert tied.sums["token_embd.weight"].shape == (1, 640)
     assert tied.counts["token_embd.weight"][0] == tied.n_tokens   # every position's logits are computed
     assert "blk.0.ffn_down.weight" in tied.sums
@@ -233,6 +233,7 @@ def test_errors_are_those_of_llama_cpps_own_quantizer(llama_f16, tmp_path):
 
 
 def test_quantize_to_budget_lands_within_one_percent_and_records_why(llama_f16, tmp_path):
+    from edgellm.converters import imatrix as imx
     from edgellm.converters import sensitivity as sens
     from edgellm.converters.quantize import read_gguf_header
     from edgellm.runtime import Runtime
@@ -240,7 +241,7 @@ def test_quantize_to_budget_lands_within_one_percent_and_records_why(llama_f16, 
     low, high = sens.size_bounds(llama_f16, QUICK["candidates"])
     budget = (low + high) // 2
     out = tmp_path / "budget.gguf"
-    matrix = sens.compute_imatrix_with_head(llama_f16, max_tokens=512)
+    matrix = imx.compute_imatrix(llama_f16, max_tokens=512, process_output=True)
     result, allocation = sens.quantize_to_budget(llama_f16, out, budget, imatrix=matrix, **QUICK)
     size = out.stat().st_size
     assert result.size_bytes == size and 0.99 * budget <= size <= budget
@@ -285,6 +286,54 @@ def test_adding_a_string_keeps_every_tensor(llama_f16, tmp_path):
     for a, b in zip(before.tensors, after.tensors, strict=True):
         assert a.name == b.name and np.array_equal(np.asarray(a.data), np.asarray(b.data))
     Runtime.load(out, n_ctx=32, n_threads=1, n_threads_batch=1).close()
+
+
+def test_convert_with_a_target_size_through_the_cli(tiny_checkpoint, tmp_path, capsys):
+    import json as json_module
+
+    from edgellm import cli
+    from edgellm.converters import convert
+    from edgellm.converters.quantize import read_gguf_header
+    from edgellm.converters.sensitivity import read_allocation
+
+    checkpoint = tiny_checkpoint("llama", hidden_size=256, intermediate_size=512, num_hidden_layers=2)
+    f16 = convert(checkpoint, tmp_path / "f16.gguf", "f16")
+    q4 = convert(checkpoint, tmp_path / "q4.gguf", "q4_0")
+    budget = (f16.size_bytes + q4.size_bytes) // 2
+    out = tmp_path / "mixed.gguf"
+    code = cli.main(["convert", str(checkpoint), "-o", str(out), "--target-size", f"{budget} B", "--json", "-q"])
+    assert code == 0
+    summary = json_module.loads(capsys.readouterr().out)
+    assert summary["type"] == "MIXED" and summary["imatrix_tokens"] > 0
+    assert 0.99 * budget <= out.stat().st_size <= budget
+    written = {t.name: t.type for t in read_gguf_header(out).tensors}
+    allocation = read_allocation(out)
+    assert allocation is not None and all(written[n] == t for n, t in allocation.types.items())
+    assert sum(summary["tensor_types"].values()) == len(written)
+    assert any("expected KLD" in note for note in summary["notes"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["f16.gguf", "mixed.gguf", "q4.gguf"]   # no leftovers
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["--type", "q4_k_m"], "both choose the tensor types"),
+    (["--tensor-type", "attn_v=q8_0"], "fix types that a target size chooses"),
+])
+def test_target_size_refuses_options_that_also_choose_types(tiny_checkpoint, tmp_path, capsys, extra, words):
+    from edgellm import cli
+
+    out = tmp_path / "x.gguf"
+    code = cli.main(["convert", str(tiny_checkpoint("llama")), "-o", str(out), "--target-bpw", "5", *extra])
+    assert code != 0 and words in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_target_below_the_smallest_file_names_the_minimum_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    from edgellm.converters import convert
+
+    with pytest.raises(BudgetError) as info:
+        convert(tiny_checkpoint("llama"), tmp_path / "x.gguf", target_bpw=0.5)
+    assert "ask for at least" in info.value.hint
+    assert not list(tmp_path.iterdir())
 
 
 # ------------------------------------------------------------------------------------ the claim, Gemma

@@ -1,10 +1,12 @@
 """``edgellm convert``: Hugging Face checkpoint folder -> GGUF file, without torch.
 
     edgellm convert MODEL_DIR -o OUT.gguf [--type f16] [--imatrix auto|FILE] [--calibration FILE]
-        [--tensor-type PATTERN=TYPE ...] [--output-tensor-type T] [--token-embedding-type T] [--quiet] [--json]
+        [--target-size SIZE | --target-bpw BPW] [--tensor-type PATTERN=TYPE ...] [--output-tensor-type T]
+        [--token-embedding-type T] [--quiet] [--json]
 
 TYPE is a llama.cpp file type: f32, f16, bf16 and q8_0 are written directly (the same bytes as llama.cpp's
-convert_hf_to_gguf.py); q4_k_m, iq4_xs, ... go through llama.cpp's quantizer. A progress bar goes to stderr
+convert_hf_to_gguf.py); q4_k_m, iq4_xs, ... go through llama.cpp's quantizer. --target-size/--target-bpw
+choose each tensor's type from its measured sensitivity instead, to land at most 1% under the budget. A progress bar goes to stderr
 unless --quiet; the summary goes to stdout (--json for machines).
 """
 
@@ -31,8 +33,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="folder with config.json, *.safetensors and the tokenizer files")
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="GGUF file to write (default: MODEL_DIR's name + type, in the current folder)")
-    parser.add_argument("-t", "--type", default="f16",
+    parser.add_argument("-t", "--type", default=None,
                         help="llama.cpp file type: f32, f16 (default), bf16, q8_0, or a quantized type like q4_k_m")
+    budget = parser.add_mutually_exclusive_group()
+    budget.add_argument("--target-size", metavar="SIZE", default=None,
+                        help="file size to fill, e.g. '180MB': per-tensor types chosen from measured sensitivity")
+    budget.add_argument("--target-bpw", metavar="BPW", type=float, default=None,
+                        help="bits per weight to fill, e.g. 4.5: per-tensor types chosen from measured sensitivity")
     parser.add_argument("--imatrix", metavar="auto|FILE", default=None,
                         help="importance matrix for quantized types: 'auto' computes one on calibration text, or "
                              "an imatrix file (llama.cpp's GGUF or .dat format)")
@@ -51,12 +58,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Convert ``args.model_dir``; library errors propagate to the CLI shell."""
-    out = args.output or Path(f"{args.model_dir.resolve().name}-{args.type.lower()}.gguf")
+    label = args.type or ("mixed" if args.target_size or args.target_bpw else "f16")
+    out = args.output or Path(f"{args.model_dir.resolve().name}-{label.lower()}.gguf")
     bar = None if args.quiet else ProgressBar(sys.stderr)
     try:
         result = convert(args.model_dir, out, args.type, quiet=True, progress=bar, imatrix=args.imatrix,
                          calibration=args.calibration, output_type=args.output_tensor_type,
-                         embedding_type=args.token_embedding_type, overrides=args.tensor_type or None)
+                         embedding_type=args.token_embedding_type, overrides=args.tensor_type or None,
+                         target_size=args.target_size, target_bpw=args.target_bpw)
     finally:
         if bar is not None:
             bar.close()
