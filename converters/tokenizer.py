@@ -27,6 +27,9 @@ from edgellm.errors import TokenizerError
 logger = logging.getLogger(__name__)
 
 T = gguf.TokenType
+# SentencePiece piece type -> GGUF token type, as llama.cpp's converter maps them (checks IsUnknown, IsControl,
+# IsUnused, IsByte; everything else, user-defined pieces included, is NORMAL)
+SPM_TYPES = {2: T.UNKNOWN, 3: T.CONTROL, 5: T.UNUSED, 6: T.BYTE}
 UNUSED_SCORE = -10000.0      # score of padding ids the SentencePiece model does not define
 ADDED_SCORE = -1000.0        # score llama.cpp gives added (user-defined or control) tokens
 SPIECE_SPACE = "\u2581"      # SentencePiece's visible space
@@ -136,27 +139,26 @@ def spm_pieces(files: TokenizerFiles, vocab_size: int | None) -> SpmTable:
     """
     if files.spm_model is None:
         raise files.error("tokenizer.model is missing")
+    from google.protobuf.message import DecodeError
     from sentencepiece import SentencePieceProcessor
+    from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 
     sp = SentencePieceProcessor()
     try:
-        sp.LoadFromFile(str(files.spm_model))
-    except (OSError, RuntimeError) as exc:
+        sp.LoadFromFile(str(files.spm_model))   # validates the model as SentencePiece itself sees it
+        proto = spm_pb2.ModelProto.FromString(files.spm_model.read_bytes())
+    except (OSError, RuntimeError, DecodeError) as exc:
         raise files.error(f"tokenizer.model does not load ({exc})") from None
-    n = vocab_size or sp.vocab_size()
+    n = vocab_size or len(proto.pieces)
     table = SpmTable([f"[PAD{i}]".encode() for i in range(n)], [UNUSED_SCORE] * n, [T.UNUSED] * n)
-    for i in range(min(n, sp.vocab_size())):
-        table.tokens[i] = sp.IdToPiece(i).encode("utf-8")
-        table.scores[i] = sp.GetScore(i)
-        table.types[i] = _spm_type(sp, i)
-    if sp.vocab_size() > n:
-        logger.warning("tokenizer.model has %d pieces, config vocab_size %d: extra pieces ignored", sp.vocab_size(), n)
+    # one pass over the proto's pieces: what IdToPiece/GetScore/Is* return, without 5 calls per piece
+    for i, piece in zip(range(n), proto.pieces):
+        table.tokens[i], table.scores[i] = piece.piece.encode("utf-8"), piece.score
+        table.types[i] = SPM_TYPES.get(piece.type, T.NORMAL)
+    if len(proto.pieces) > n:
+        logger.warning("tokenizer.model has %d pieces, config vocab_size %d: extra pieces ignored",
+                       len(proto.pieces), n)
     return table
-
-
-def _spm_type(sp, i: int) -> int:
-    checks = ((sp.IsUnknown, T.UNKNOWN), (sp.IsControl, T.CONTROL), (sp.IsUnused, T.UNUSED), (sp.IsByte, T.BYTE))
-    return next((kind for check, kind in checks if check(i)), T.NORMAL)
 
 
 def _set_added(table: SpmTable, token_id: int, content: str, kind: int, normalize_spaces: bool = False) -> None:
