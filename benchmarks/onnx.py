@@ -82,10 +82,8 @@ def _peak_rss() -> int:
 
 
 def run_ours(path: Path, prompt: list[int], n_new: int, threads: int) -> dict[str, Any]:
-    from edgellm.runtime import Runtime, core
-    from edgellm.runtime import onnx as onnx_backend
+    from edgellm.runtime import Runtime
 
-    core._LOADERS.setdefault(".onnx", onnx_backend.load)   # until the runtime registers the ONNX backend itself
     start = time.perf_counter()
     with Runtime.load(path, n_ctx=N_CTX, n_threads=threads, n_threads_batch=threads) as runtime:
         loaded, rss = time.perf_counter() - start, _rss()

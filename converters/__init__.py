@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gguf
 
@@ -26,12 +26,15 @@ from edgellm.converters.plan import OUTPUT_TYPES, OutputType, TensorPlan, plan_t
 from edgellm.converters.quant_types import file_type
 from edgellm.converters.spec import ModelSpec, hparams
 from edgellm.converters.tokenizer import TokenizerFiles
-from edgellm.converters.writer import Progress, partial_path, tensor_chunks, write_gguf
+from edgellm.converters.writer import Progress, partial_path, tensor_chunks, write_gguf, write_skeleton_gguf
 from edgellm.errors import CheckpointError, ConvertTypeError, UsageError
+
+if TYPE_CHECKING:
+    from edgellm.converters.onnx import OnnxConvertResult    # format="onnx"; imports onnx only when used
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ConvertResult", "convert", "model_spec", "OUTPUT_TYPES"]
+__all__ = ["ConvertResult", "convert", "model_spec", "open_model", "write_skeleton", "OUTPUT_TYPES"]
 
 MIXED = "MIXED"   # ConvertResult.type of a budgeted conversion: every tensor's type was chosen by measurement
 # config.json torch_dtype -> safetensors dtype it announces
@@ -72,7 +75,13 @@ class _Model:
     imatrix_tokens: int = 0
 
 
-def _open(model_dir: str | Path) -> _Model:
+def open_model(model_dir: str | Path) -> _Model:
+    """Open the checkpoint in ``model_dir`` with its architecture, flattened config, ``ModelSpec`` and notes
+    (for the GGUF and ONNX converters). The caller closes ``.ckpt``.
+
+    Raises:
+        CheckpointError, UnsafeCheckpointError, UnsupportedArchitectureError: as ``convert``.
+    """
     ckpt = open_checkpoint(model_dir)
     try:
         arch = archs.get(ckpt.config.get("model_type"))
@@ -107,7 +116,7 @@ def model_spec(model_dir: str | Path) -> ModelSpec:
     Raises:
         CheckpointError, UnsafeCheckpointError, UnsupportedArchitectureError: as ``convert``.
     """
-    model = _open(model_dir)
+    model = open_model(model_dir)
     model.ckpt.close()
     return model.spec
 
@@ -140,6 +149,31 @@ def _write(model: _Model, out_path: Path, out: OutputType, quiet: bool, progress
     return write_gguf(out_path, model.arch.gguf_name, calls, plans, chunks, progress), plans
 
 
+def write_skeleton(model_dir: str | Path, out_path: str | Path) -> tuple[str, list[str]]:
+    """Write the F16 GGUF header ``convert`` would write for ``model_dir``, its data region sparse and unwritten.
+
+    For sizing without converting: llama.cpp's quantizer in dry-run mode reads only the header.
+    Returns (the checkpoint dtype most weights are stored in, the converter's notes).
+
+    Raises:
+        CheckpointError, UnsupportedArchitectureError, TokenizerError: as ``convert``.
+    """
+    model = open_model(model_dir)
+    try:
+        out = OUTPUT_TYPES["F16"]
+        ctx = Context(model.spec, model.hparams, TokenizerFiles.read(model.ckpt))
+        try:
+            plans, notes = plan_tensors(model.ckpt, model.arch, ctx, out)
+            calls = _metadata(model, ctx, plans, out)
+        except ValueError as exc:
+            raise CheckpointError(path=str(model.ckpt.path), problem=str(exc)) from None
+        dtypes = Counter(model.ckpt.info(p.source).dtype for p in plans if p.source)
+    finally:
+        model.ckpt.close()
+    write_skeleton_gguf(Path(out_path), model.arch.gguf_name, calls, plans)
+    return (dtypes.most_common(1)[0][0] if dtypes else "F16"), notes
+
+
 def _quantize_module():
     """edgellm.converters.quantize, or a ConvertTypeError when this build has no llama.cpp quantizer."""
     try:
@@ -158,8 +192,13 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str | None = None
             progress: Progress | None = None, imatrix: Any = None, calibration: str | Path | None = None,
             output_type: str | None = None, embedding_type: str | None = None,
             overrides: Any = None, target_size: int | str | None = None,
-            target_bpw: float | None = None) -> ConvertResult:
+            target_bpw: float | None = None, format: str = "gguf",
+            **onnx_options: Any) -> ConvertResult | OnnxConvertResult:
     """Convert the Hugging Face checkpoint in ``model_dir`` to a GGUF file at ``out_path``.
+
+    ``format="onnx"`` writes an ONNX folder at ``out_path`` instead and returns its ``OnnxConvertResult``:
+    ``type`` fp32 (default), fp16, int8 or int4, ``onnx_options`` as ``converters.onnx.convert_onnx``'s
+    (provider, block_size, symmetric, accuracy_level, lm_head, ...); the GGUF-only options must be left out.
 
     ``type``: a llama.cpp file type, case-insensitive (default f16): f32, f16, bf16 and q8_0 are written
     directly, the others (q4_k_m, iq4_xs, ...) by quantizing an intermediate F16 file (F32 when F16 would
@@ -183,6 +222,12 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str | None = None
         UnknownQuantTypeError, ConvertTypeError: an unknown type, or one this build cannot produce.
         ConvertOutputError: the output cannot be written (disk full...).
     """
+    if format != "gguf" or onnx_options:
+        from edgellm.converters.onnx import convert_format
+        return convert_format(format, model_dir, out_path, type, progress=progress, onnx_options=onnx_options,
+                              gguf_options=dict(imatrix=imatrix, calibration=calibration, output_type=output_type,
+                                                embedding_type=embedding_type, overrides=overrides,
+                                                target_size=target_size, target_bpw=target_bpw))
     start = time.monotonic()
     budgeted = target_size is not None or target_bpw is not None
     if budgeted:
@@ -200,7 +245,7 @@ def convert(model_dir: str | Path, out_path: str | Path, type: str | None = None
     if quantize_options and kind in OUTPUT_TYPES:
         raise UsageError(problem=f"{', '.join(quantize_options)} only apply to llama.cpp quantized types, "
                                  f"not {kind}", hint_text="drop them or pick a type such as q4_k_m")
-    model = _open(model_dir)
+    model = open_model(model_dir)
     try:
         if budgeted:
             size, types, data_bytes, n_params = _convert_budgeted(model, out_path, quiet, progress, imatrix,

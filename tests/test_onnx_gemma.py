@@ -12,8 +12,7 @@ import pytest
 from edgellm import evaluate
 from edgellm.converters import convert
 from edgellm.converters.onnx import convert_onnx
-from edgellm.runtime import Runtime, core
-from edgellm.runtime import onnx as onnx_backend
+from edgellm.runtime import Runtime
 
 pytestmark = [pytest.mark.gemma, pytest.mark.slow]
 
@@ -23,12 +22,6 @@ N_CTX = 512
 # KLD 0.330; llama.cpp Q4_0 ppl 18.11 -> 25.33, KLD 0.344 (int4 with quant_method="rtn", Q4_0's own
 # rounding, and block-32 tables: 25.34, KLD 0.344).
 TEXT_TOKENS = None
-
-
-@pytest.fixture(autouse=True)
-def onnx_runtime(monkeypatch):
-    if ".onnx" not in core._LOADERS:      # until the runtime registers the ONNX backend itself
-        monkeypatch.setitem(core._LOADERS, ".onnx", onnx_backend.load)
 
 
 def score(model: Path, reference: Path) -> dict[str, float]:

@@ -16,7 +16,7 @@ import pytest
 from edgellm.converters import convert
 from edgellm.converters.onnx import convert_onnx, files
 from edgellm.errors import ContextOverflowError, ModelLoadError
-from edgellm.runtime import Runtime, core
+from edgellm.runtime import Runtime
 from edgellm.runtime import onnx as onnx_backend
 from edgellm.runtime.base import Backend
 from edgellm.runtime.llamacpp import LlamaCppBackend
@@ -44,13 +44,6 @@ def folders(tiny_checkpoint, tmp_path_factory):
         return cache[(variant, type, provider)]
 
     return build
-
-
-@pytest.fixture
-def onnx_runtime(monkeypatch):
-    """Runtime.load for .onnx files (registers the backend's loader where the runtime does not yet)."""
-    if ".onnx" not in core._LOADERS:
-        monkeypatch.setitem(core._LOADERS, ".onnx", onnx_backend.load)
 
 
 @pytest.mark.parametrize("variant,provider", [("llama", "cpu"), ("gemma3_text", "cpu"), ("qwen3", "cpu"),
@@ -109,7 +102,7 @@ def test_tokens_and_specials_match_the_gguf_backend(folders, tiny_checkpoint, tm
         llama.close()
 
 
-def test_runtime_generates_greedy_reference_tokens(folders, tiny_checkpoint, onnx_runtime):
+def test_runtime_generates_greedy_reference_tokens(folders, tiny_checkpoint):
     folder = folders("gemma3_text", "fp32")
     with Runtime.load(folder / "model.onnx", n_ctx=64, n_threads=1, n_threads_batch=1) as rt:
         assert rt.info.backend == "onnxruntime-cpu"
@@ -149,6 +142,19 @@ def test_set_threads_recreates_the_session_and_keeps_the_cache(folders):
         assert rel_error(again, first[2:]) <= TOLERANCE
         backend.set_threads(2, 1)
         assert backend._session is not None and backend.threads == (2, 2)
+    finally:
+        backend.close()
+
+
+def test_set_threads_releases_the_old_session_first(folders, monkeypatch):
+    # two live sessions would hold two prepacked copies of the weights (the peak RSS of thread tuning)
+    backend = OnnxBackend.load(folders("llama"), n_ctx=16, n_threads=1)
+    seen = []
+    make = OnnxBackend._create_session
+    monkeypatch.setattr(OnnxBackend, "_create_session", lambda self, n: seen.append(self._session) or make(self, n))
+    try:
+        backend.set_threads(2, 2)
+        assert seen == [None] and backend.decode([1, 2, 3]).shape == (1, backend.n_vocab)
     finally:
         backend.close()
 
@@ -198,3 +204,70 @@ def test_folder_errors(folders, tmp_path):
     (copy / "model.onnx").unlink()
     with pytest.raises(ModelLoadError, match="no such file"):
         OnnxBackend.load(copy)
+
+
+def _probed(*rows: tuple[str, bool, str]):
+    """The probe's ONNX choice with ``rows`` (backend, usable, reason) in preference order."""
+    from edgellm.probe.info import BackendChoice, Considered
+    considered = tuple(Considered(b, usable, True, reason) for b, usable, reason in rows)
+    chosen = next(c.backend for c in considered if c.usable)
+    return BackendChoice("onnx", chosen, "", True, considered)
+
+
+def test_provider_choice_from_the_probe():
+    gpu_build = ["TensorrtExecutionProvider", "CUDAExecutionProvider", "AzureExecutionProvider", "CPUExecutionProvider"]
+    with_gpu = _probed(("onnxruntime-cuda", True, "CUDAExecutionProvider on Jetson Orin"),
+                       ("onnxruntime-cpu", True, "CPU"))
+    chosen = choose_provider(None, "cpu", gpu_build, with_gpu)
+    assert chosen.backend == "onnxruntime-cuda" and not chosen.fallback and "Jetson Orin" in chosen.reason
+    assert choose_provider("auto", None, gpu_build, with_gpu).backend == "onnxruntime-cuda"
+    # a GPU build on a machine without the GPU: the probe rejects CUDA, so the CPU, with why
+    no_gpu = _probed(("onnxruntime-cuda", False, "no NVIDIA GPU found"), ("onnxruntime-cpu", True, "CPU"))
+    cpu = choose_provider(None, "cpu", gpu_build, no_gpu)
+    assert cpu.providers == ("CPUExecutionProvider",) and not cpu.fallback and "probe found no hardware" in cpu.reason
+    # DirectML's GQA has no fused RoPE: a CPU graph (fused RoPE) is not handed to it
+    dml = _probed(("onnxruntime-dml", True, "DirectML"), ("onnxruntime-cpu", True, "CPU"))
+    assert choose_provider(None, "cpu", ["DmlExecutionProvider", "CPUExecutionProvider"], dml).backend == \
+        "onnxruntime-cpu"
+    assert choose_provider(None, "openvino", ["DmlExecutionProvider", "CPUExecutionProvider"], dml).fallback
+    # an explicit request beats the probe; the exported-for provider beats it too
+    assert choose_provider("cpu", "cpu", gpu_build, with_gpu).backend == "onnxruntime-cpu"
+    assert choose_provider(None, "tensorrt", gpu_build, with_gpu).backend == "onnxruntime-tensorrt"
+    # Azure is not a local execution provider; an unknown exported-for name is ignored, not fatal
+    only = choose_provider(None, "webgpu", ["AzureExecutionProvider", "CPUExecutionProvider"])
+    assert only.providers == ("CPUExecutionProvider",) and "only execution provider" in only.reason
+
+
+def test_probe_runs_only_when_there_is_a_choice(monkeypatch):
+    import edgellm.probe
+    monkeypatch.setattr(edgellm.probe, "probe", lambda: pytest.fail("probed without a choice to make"))
+    assert onnx_backend.probe_choice(["AzureExecutionProvider", "CPUExecutionProvider"]) is None
+    fake = type("Machine", (), {"onnx": _probed(("onnxruntime-cpu", True, "CPU"))})()
+    monkeypatch.setattr(edgellm.probe, "probe", lambda: fake)
+    assert onnx_backend.probe_choice(["CUDAExecutionProvider", "CPUExecutionProvider"]) is fake.onnx
+
+
+def test_runtime_provider_from_argument_and_bundle(folders, tmp_path, caplog):
+    from edgellm import bundle
+    from edgellm.errors import BundleError
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime has CUDA: nothing to fall back from")
+    folder = tmp_path / "bundle"
+    shutil.copytree(folders("qwen2"), folder)
+    with Runtime.load(folder, n_ctx=16, n_threads=1) as rt:                       # plain folder, no manifest
+        assert rt.info.provider == "CPUExecutionProvider" and rt.info.provider_note is None
+        assert rt.info.bundle_dir is None and rt.info.model_path == str(folder / "model.onnx")
+    files = tuple(bundle.describe_file(folder, p.name) for p in sorted(folder.iterdir()))
+    bundle.write_manifest(folder, bundle.Manifest(model="model.onnx", files=files,
+                                                  runtime=bundle.RuntimeSettings(n_threads=1, provider="cuda")))
+    assert bundle.read_manifest(folder).runtime.provider == "cuda"
+    with caplog.at_level(logging.WARNING, logger="edgellm.onnxruntime"), Runtime.load(folder, n_ctx=16) as rt:
+        assert rt.info.backend == "onnxruntime-cpu" and "falling back" in rt.info.provider_note
+        assert "requested" in rt.info.provider_reason and rt.info.bundle_dir == str(folder)
+    assert any("CUDAExecutionProvider" in r.message for r in caplog.records)
+    with Runtime.load(folder, n_ctx=16, provider="cpu") as rt:                    # the argument beats the bundle
+        assert rt.info.provider_note is None and "requested" in rt.info.provider_reason
+    data = bundle.manifest_to_dict(bundle.read_manifest(folder))
+    data["runtime"]["provider"] = 3
+    with pytest.raises(BundleError, match="runtime.provider"):
+        bundle.parse_manifest(data, folder / "edgellm.json")

@@ -139,3 +139,82 @@ def test_gemma_tuning_is_short(gemma_gguf):
         assert rt.info.threads_source == "tuned"
         assert rt.info.threads_tuning_seconds < 6.0
         assert rt.generate("Hi", max_tokens=2).stats.generated_tokens >= 1
+
+
+# ------------------------------------------------------------------ edge cases: tiny contexts, one thread pool
+
+class BoundedBackend(SimulatedBackend):
+    """A SimulatedBackend whose KV cache holds ``n_ctx`` tokens, as a real one: more raises."""
+
+    def __init__(self, n_ctx: int, separate: bool = True) -> None:
+        super().__init__([0.0], step={1: 0.02, 2: 0.015, 3: 0.013, 4: 0.012},
+                         per_token={1: 0.01, 2: 0.006, 3: 0.005, 4: 0.004})
+        self.n_ctx, self.separate_batch_threads = n_ctx, separate
+        self.most = 0
+
+    def decode(self, tokens, logits_for="last"):
+        from edgellm.errors import ContextOverflowError
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the timing run")
+        out = super().decode(tokens, logits_for)
+        self.most = max(self.most, self.n_past)
+        return out
+
+
+@pytest.mark.parametrize("n_ctx", [2, 5, 16, 24, 200])
+def test_tuning_stays_inside_a_tiny_context(n_ctx):
+    backend = BoundedBackend(n_ctx)
+    choice = threads.tune(backend, CoreCounts(physical=4, logical=4, performance=4), budget_s=1.0,
+                          clock=lambda: backend.clock[0])
+    assert backend.most <= n_ctx and backend.n_past == 0 and choice.n_threads == 4
+    # in a 2-token context the "batches" are single tokens (decode steps, timed by decode speed here)
+    assert choice.n_threads_batch == 4 or n_ctx < 4
+
+
+def test_run_sizes_are_bounded_by_the_context():
+    assert threads.run_sizes(4096, 0.01, 0.001, 0.1) == threads.RunSizes(16, 100, 10)
+    assert threads.run_sizes(20, 0.01, 0.001, 0.1) == threads.RunSizes(10, 20, 10)
+    assert threads.run_sizes(3, 1e-9, 1e-9, 1.0) == threads.RunSizes(1, 3, 2)
+
+
+def test_one_pool_backend_is_tuned_on_decode_only():
+    backend = BoundedBackend(4096, separate=False)
+    calls = []
+    original = backend.set_threads
+    backend.set_threads = lambda d, b: calls.append((d, b)) or original(d, b)
+    choice = threads.tune(backend, CoreCounts(physical=4, logical=8, performance=4), budget_s=1.0,
+                          clock=lambda: backend.clock[0])
+    assert choice.n_threads == choice.n_threads_batch == 4 and choice.prefill_tokens_per_s == {}
+    # batch candidates (8 logical CPUs) never tried: timing ran with one count, then the choice was applied
+    assert {b for _, b in calls[:-1]} == {2} and calls[-1] == (4, 4)
+
+
+def test_only_n_threads_given_skips_tuning(tmp_path, monkeypatch):
+    model = tmp_path / "m.onnx"
+    model.write_bytes(b"x")
+    monkeypatch.setattr(threads, "tune", lambda b: pytest.fail("tuned although --threads was given"))
+    backend = BoundedBackend(64)
+    assert threads.choose(backend, model, n_threads=3) == ThreadChoice(3, 3, "override")
+    assert backend.threads == (3, 3)
+    one_pool = BoundedBackend(64, separate=False)
+    threads.store(threads.cache_key(model), ThreadChoice(2, 4, "tuned"))
+    choice = threads.choose(one_pool, model, n_threads_batch=4)      # decode from the cache, batch = decode
+    assert (choice.n_threads, choice.n_threads_batch) == (2, 2) and one_pool.threads == (2, 2)
+
+
+def test_onnx_runtime_tunes_a_tiny_context_and_rebuilds_the_session(tiny_checkpoint, tmp_path, monkeypatch):
+    from edgellm.converters.onnx import convert_onnx
+    from edgellm.runtime.onnx import OnnxBackend
+
+    folder = tmp_path / "onnx"
+    convert_onnx(tiny_checkpoint("llama"), folder, "fp32")
+    created = []
+    make = OnnxBackend._create_session
+    monkeypatch.setattr(OnnxBackend, "_create_session", lambda self, n: created.append(n) or make(self, n))
+    monkeypatch.setattr(threads, "core_counts", lambda: CoreCounts(physical=2, logical=2, performance=2))
+    with Runtime.load(folder, n_ctx=8) as rt:                    # timing runs of 16+ tokens would overflow
+        assert rt.info.threads_source == "tuned" and rt.info.n_threads == rt.info.n_threads_batch
+        assert rt.backend.n_past == 0 and set(created) == {1, 2}     # a session per count tried
+        session = rt.backend._session.get_session_options()
+        assert session.intra_op_num_threads == rt.info.n_threads
+        assert len(rt.generate("Hi", max_tokens=3).tokens) >= 1

@@ -29,7 +29,7 @@ from typing import Any, Callable
 import onnx
 
 from edgellm import __version__
-from edgellm.converters import _open
+from edgellm.converters import open_model
 from edgellm.converters.archs.common import Context
 from edgellm.converters.onnx import decoder, files
 from edgellm.converters.onnx.graph import OPSET, ExternalData, GraphBuilder
@@ -41,7 +41,7 @@ from edgellm.errors import CheckpointError, ConvertOutputError, UsageError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnnxConvertResult", "convert_onnx", "PRECISIONS", "PROVIDERS", "MODEL_FILE", "DATA_FILE"]
+__all__ = ["OnnxConvertResult", "convert_onnx", "convert_format", "PRECISIONS", "PROVIDERS", "MODEL_FILE", "DATA_FILE"]
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -100,7 +100,7 @@ def convert_onnx(model_dir: str | Path, out_dir: str | Path, type: str = "fp32",
     start = time.monotonic()
     out_dir = Path(out_dir)
     _check_target(out_dir)
-    model = _open(model_dir)
+    model = open_model(model_dir)
     try:
         choices = resolve(type, provider, block_size=block_size, symmetric=symmetric,
                           accuracy_level=accuracy_level, lm_head=lm_head, context_length=context_length,
@@ -127,6 +127,33 @@ def convert_onnx(model_dir: str | Path, out_dir: str | Path, type: str = "fp32",
     return OnnxConvertResult(out_dir, choices.precision.name, choices.provider.name, size, g.n_params,
                              8 * g.weight_bytes / max(source_params, 1), time.monotonic() - start, model.spec,
                              choices, dict(sorted(g.op_counts.items())), tuple(copied), notes)
+
+
+FORMATS = ("gguf", "onnx")
+
+
+def convert_format(format: str, model_dir: str | Path, out_path: str | Path, type: str | None, *,
+                   progress: Progress | None = None, gguf_options: dict[str, Any] | None = None,
+                   onnx_options: dict[str, Any] | None = None) -> OnnxConvertResult:
+    """``edgellm.converters.convert(..., format=...)`` for formats other than GGUF: ``convert_onnx`` with
+    ``onnx_options`` (its keyword arguments) and ``type`` (default fp32).
+
+    Raises:
+        UsageError: an unknown format, GGUF-only options given (``gguf_options`` that are not None), or
+            ONNX options with format "gguf".
+        and whatever ``convert_onnx`` raises.
+    """
+    given = sorted(k for k, v in (gguf_options or {}).items() if v is not None)
+    if format not in FORMATS:
+        raise UsageError(problem=f"format {format!r} is not one of {', '.join(FORMATS)}",
+                         hint_text="gguf: a file for llama.cpp; onnx: a folder for ONNX Runtime")
+    if format == "gguf":
+        raise UsageError(problem=f"{', '.join(sorted(onnx_options or {}))} only apply to format='onnx'",
+                         hint_text="drop them, or pass format='onnx'")
+    if given:
+        raise UsageError(problem=f"{', '.join(given)} only apply to format='gguf', not '{format}'",
+                         hint_text="drop them, or convert to GGUF")
+    return convert_onnx(model_dir, out_path, type or "fp32", progress=progress, **(onnx_options or {}))
 
 
 def _check_target(out_dir: Path) -> None:

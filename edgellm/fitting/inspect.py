@@ -11,12 +11,8 @@ from __future__ import annotations
 
 import logging
 import tempfile
-from collections import Counter
 from dataclasses import replace
 from pathlib import Path
-
-import gguf
-import numpy as np
 
 from edgellm.converters.quant_types import FILE_TYPES
 from edgellm.errors import EdgeLLMError, FitSourceError
@@ -25,13 +21,8 @@ from edgellm.fitting.facts import LLAMA_CPP_SWA, ModelFacts, TensorFact, shape_f
 
 logger = logging.getLogger(__name__)
 
-GGUF_ALIGNMENT = 32                      # gguf-py's default data alignment
 DTYPE_TO_TYPE = {"F32": "F32", "F16": "F16", "BF16": "BF16", "F64": "F32"}
 _FTYPE_NAMES = {ft.ftype: name for name, ft in FILE_TYPES.items()}
-
-
-def _pad(n: int) -> int:
-    return -(-n // GGUF_ALIGNMENT) * GGUF_ALIGNMENT
 
 
 def write_skeleton(model_dir: Path, out_path: Path) -> tuple[str, list[str]]:
@@ -42,34 +33,9 @@ def write_skeleton(model_dir: Path, out_path: Path) -> tuple[str, list[str]]:
     Raises:
         CheckpointError, UnsupportedArchitectureError, TokenizerError: as ``edgellm.converters.convert``.
     """
-    # The converter's planning steps, without the tensor-data pass (see the report: a public hook is asked for).
     from edgellm import converters
-    from edgellm.converters.archs.common import Context
-    from edgellm.converters.plan import OUTPUT_TYPES, plan_tensors
-    from edgellm.converters.tokenizer import TokenizerFiles
-    from edgellm.converters.writer import apply_calls
 
-    model = converters._open(model_dir)
-    try:
-        out = OUTPUT_TYPES["F16"]
-        ctx = Context(model.spec, model.hparams, TokenizerFiles.read(model.ckpt))
-        plans, notes = plan_tensors(model.ckpt, model.arch, ctx, out)
-        calls = converters._metadata(model, ctx, plans, out)
-        dtypes = Counter(model.ckpt.info(p.source).dtype for p in plans if p.source)
-    finally:
-        model.ckpt.close()
-    writer = gguf.GGUFWriter(path=None, arch=model.arch.gguf_name)
-    apply_calls(writer, calls)
-    for plan in plans:
-        writer.add_tensor_info(plan.name, plan.shape, np.dtype(np.float32), plan.nbytes, raw_dtype=plan.qtype)
-    writer.write_header_to_file(path=out_path)
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    handle = writer.fout[0]
-    data_start = _pad(handle.tell())
-    handle.truncate(data_start + sum(_pad(p.nbytes) for p in plans))   # sparse: nothing is written
-    writer.close()
-    main = dtypes.most_common(1)[0][0] if dtypes else "F16"
+    main, notes = converters.write_skeleton(model_dir, out_path)
     return DTYPE_TO_TYPE.get(main, "F16"), notes
 
 

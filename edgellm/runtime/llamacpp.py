@@ -81,7 +81,7 @@ def _on_log(level: int, text: bytes, _user_data: ctypes.c_void_p) -> None:
 _initialized = False
 
 
-def _init(verbose: bool) -> None:
+def init_logging(verbose: bool) -> None:
     """Route llama.cpp's log to ours (replacing llama-cpp-python's stderr printer) and init the backend."""
     global _initialized
     _LogState.verbose = verbose
@@ -91,7 +91,7 @@ def _init(verbose: bool) -> None:
         _initialized = True
 
 
-def _recent_problems(default: str) -> str:
+def recent_problems(default: str) -> str:
     """The last few errors llama.cpp logged (warnings if there were none), for an error message."""
     errors = [line for level, line in _LogState.tail if level > LOG_WARN]
     lines = errors or [line for _, line in _LogState.tail]
@@ -139,81 +139,43 @@ def mlock_outcome(file_size: int, locked_delta: int | None, limit: int | None,
                    f"/etc/security/limits.conf) or grant CAP_IPC_LOCK; the model stays loaded, unlocked")
 
 
-class LlamaCppBackend:
-    """A llama.cpp model, context and batch; one KV sequence. See ``edgellm.runtime.base.Backend``."""
+class Vocab:
+    """llama.cpp's tokenizer on a loaded model: tokens, special tokens, chat template and GGUF metadata.
 
-    def __init__(self, path: Path, model: int, ctx: int, n_batch: int, n_gpu_layers: int,
-                 stack: contextlib.ExitStack) -> None:
-        self.path = path
-        self._model, self._ctx, self._stack = model, ctx, stack
+    ``LlamaCppBackend`` is one; ``Vocab.load`` reads only a GGUF's vocabulary (``vocab_only``: no weights, no
+    context), which the ONNX backend uses on the ``tokenizer.gguf`` of an ONNX folder so that both formats
+    give the same ids.
+    """
+
+    _owned = False             # True: a vocabulary-only model this object frees (a backend's stack frees its own)
+
+    def __init__(self, model: int) -> None:
+        self._model = model
         self._vocab = llama_cpp.llama_model_get_vocab(model)
-        self._memory = llama_cpp.llama_get_memory(ctx)
-        self.id = backend_id(n_gpu_layers)
-        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
-        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self._pieces: dict[int, bytes] = {}
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
-        self.n_swa = llama_cpp.llama_model_n_swa(model)      # sliding window in tokens; 0 when none
-        self.n_batch = n_batch
         self.metadata = self._read_metadata()
         template = llama_cpp.llama_model_chat_template(model, None)
         self.chat_template = template.decode("utf-8") if template else None
         self.special = self._read_special()
-        self.mlock_locked = False
-        self.mlock_note: str | None = None
-        self._n_past = 0
-        self._pieces: dict[int, bytes] = {}
-        self._init_batch(n_batch)
-
-    # --- loading ---
 
     @classmethod
-    def load(cls, path: str | Path, *, n_ctx: int | None, n_threads: int, n_threads_batch: int,
-             n_batch: int = DEFAULT_N_BATCH, mmap: bool = True, mlock: bool = False, kv_type: str = "f16",
-             n_gpu_layers: int = -1, verbose: bool = False) -> "LlamaCppBackend":
-        """Load a GGUF file and create a context of ``n_ctx`` tokens (None: base.default_n_ctx).
+    def load(cls, path: str | Path, *, verbose: bool = False) -> "Vocab":
+        """The vocabulary of the GGUF at ``path`` (its tensors are not read); ``close()`` frees it.
 
         Raises:
-            ModelLoadError: llama.cpp cannot read the file or create the context, or ``kv_type`` is unknown.
+            ModelLoadError: llama.cpp cannot read the file's vocabulary.
         """
-        path = Path(path)
-        if kv_type not in KV_TYPES:
-            raise ModelLoadError(str(path), f"unknown kv_type {kv_type!r}; known: {', '.join(KV_TYPES)}")
-        _init(verbose)
+        init_logging(verbose)
         _LogState.tail.clear()
-        locked_before = locked_bytes()
-        stack = contextlib.ExitStack()
-        try:
-            model = _load_model(path, mmap=mmap, mlock=mlock, n_gpu_layers=n_gpu_layers)
-            stack.callback(llama_cpp.llama_model_free, model)
-            if n_ctx is None:
-                n_ctx = default_n_ctx(llama_cpp.llama_model_n_ctx_train(model))
-            ctx = _new_context(path, model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                               n_threads_batch=n_threads_batch, kv_type=KV_TYPES[kv_type])
-            stack.callback(llama_cpp.llama_free, ctx)
-            backend = cls(path, model, ctx, n_batch, n_gpu_layers, stack)
-        except BaseException:
-            stack.close()
-            raise
-        if mlock:
-            after = locked_bytes()
-            delta = None if after is None or locked_before is None else after - locked_before
-            backend.mlock_locked, backend.mlock_note = mlock_outcome(
-                path.stat().st_size, delta, memlock_limit(), [line for _, line in _LogState.tail])
-            if backend.mlock_note:
-                logger.warning("%s", backend.mlock_note)
-        return backend
-
-    def _init_batch(self, n_batch: int) -> None:
-        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
-        self._stack.callback(llama_cpp.llama_batch_free, batch)
-        self._batch = batch
-        for i in range(n_batch):                  # every token belongs to sequence 0, set once
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = SEQ_ID
-        # numpy views on the batch's C arrays, (n_batch,) each
-        self._tok = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
-        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
-        self._out = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
+        if not model:
+            raise ModelLoadError(str(path), recent_problems("llama.cpp could not read the vocabulary"))
+        vocab = cls(model)
+        vocab._owned = True
+        return vocab
 
     def _read_metadata(self) -> dict[str, str]:
         meta: dict[str, str] = {}
@@ -279,6 +241,82 @@ class LlamaCppBackend:
     def is_end(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self._vocab, token))
 
+    def close(self) -> None:
+        if self._owned and self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+
+class LlamaCppBackend(Vocab):
+    """A llama.cpp model, context and batch; one KV sequence. See ``edgellm.runtime.base.Backend``."""
+
+    def __init__(self, path: Path, model: int, ctx: int, n_batch: int, n_gpu_layers: int,
+                 stack: contextlib.ExitStack) -> None:
+        super().__init__(model)
+        self.path = path
+        self._ctx, self._stack = ctx, stack
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.id = backend_id(n_gpu_layers)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
+        self.n_swa = llama_cpp.llama_model_n_swa(model)      # sliding window in tokens; 0 when none
+        self.n_batch = n_batch
+        self.mlock_locked = False
+        self.mlock_note: str | None = None
+        self._n_past = 0
+        self._init_batch(n_batch)
+
+    # --- loading ---
+
+    @classmethod
+    def load(cls, path: str | Path, *, n_ctx: int | None, n_threads: int, n_threads_batch: int,
+             n_batch: int = DEFAULT_N_BATCH, mmap: bool = True, mlock: bool = False, kv_type: str = "f16",
+             n_gpu_layers: int = -1, verbose: bool = False) -> "LlamaCppBackend":
+        """Load a GGUF file and create a context of ``n_ctx`` tokens (None: base.default_n_ctx).
+
+        Raises:
+            ModelLoadError: llama.cpp cannot read the file or create the context, or ``kv_type`` is unknown.
+        """
+        path = Path(path)
+        if kv_type not in KV_TYPES:
+            raise ModelLoadError(str(path), f"unknown kv_type {kv_type!r}; known: {', '.join(KV_TYPES)}")
+        init_logging(verbose)
+        _LogState.tail.clear()
+        locked_before = locked_bytes()
+        stack = contextlib.ExitStack()
+        try:
+            model = _load_model(path, mmap=mmap, mlock=mlock, n_gpu_layers=n_gpu_layers)
+            stack.callback(llama_cpp.llama_model_free, model)
+            if n_ctx is None:
+                n_ctx = default_n_ctx(llama_cpp.llama_model_n_ctx_train(model))
+            ctx = _new_context(path, model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                               n_threads_batch=n_threads_batch, kv_type=KV_TYPES[kv_type])
+            stack.callback(llama_cpp.llama_free, ctx)
+            backend = cls(path, model, ctx, n_batch, n_gpu_layers, stack)
+        except BaseException:
+            stack.close()
+            raise
+        if mlock:
+            after = locked_bytes()
+            delta = None if after is None or locked_before is None else after - locked_before
+            backend.mlock_locked, backend.mlock_note = mlock_outcome(
+                path.stat().st_size, delta, memlock_limit(), [line for _, line in _LogState.tail])
+            if backend.mlock_note:
+                logger.warning("%s", backend.mlock_note)
+        return backend
+
+    def _init_batch(self, n_batch: int) -> None:
+        batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._stack.callback(llama_cpp.llama_batch_free, batch)
+        self._batch = batch
+        for i in range(n_batch):                  # every token belongs to sequence 0, set once
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = SEQ_ID
+        # numpy views on the batch's C arrays, (n_batch,) each
+        self._tok = np.ctypeslib.as_array(batch.token, shape=(n_batch,))
+        self._pos = np.ctypeslib.as_array(batch.pos, shape=(n_batch,))
+        self._out = np.ctypeslib.as_array(batch.logits, shape=(n_batch,))
+
     # --- KV cache ---
 
     @property
@@ -309,7 +347,7 @@ class LlamaCppBackend:
         if code != 0:
             # On fatal errors some micro-batches stay in the cache: resynchronise n_past with it.
             self._n_past = llama_cpp.llama_memory_seq_pos_max(self._memory, SEQ_ID) + 1
-            raise DecodeError(code, _recent_problems("no KV slot for the batch" if code == 1 else "see the log"))
+            raise DecodeError(code, recent_problems("no KV slot for the batch" if code == 1 else "see the log"))
         self._n_past += n
 
     def truncate(self, n_past: int) -> bool:
@@ -364,7 +402,7 @@ def _load_model(path: Path, *, mmap: bool, mlock: bool, n_gpu_layers: int) -> in
     params.n_gpu_layers = n_gpu_layers
     model = llama_cpp.llama_model_load_from_file(os.fsencode(path), params)
     if not model:
-        raise ModelLoadError(str(path), _recent_problems("llama.cpp could not read it"))
+        raise ModelLoadError(str(path), recent_problems("llama.cpp could not read it"))
     return model
 
 
@@ -389,5 +427,5 @@ def _new_context(path: Path, model: int, *, n_ctx: int, n_batch: int, n_threads:
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         raise ModelLoadError(str(path), f"could not create a context of {n_ctx} tokens: "
-                                        + _recent_problems("out of memory?"))
+                                        + recent_problems("out of memory?"))
     return ctx

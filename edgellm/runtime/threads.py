@@ -5,10 +5,15 @@ count; efficiency cores can slow it down), while prompt processing is compute-bo
 So the two counts are chosen separately, by a short timing of a few candidate counts on the loaded model
 (under TUNE_BUDGET_S), and the result is cached in ``$XDG_CACHE_HOME/edgellm/threads.json``
 (``~/.cache`` by default) under a key of the machine and the model file (path, size, mtime).
+
+A backend whose ``separate_batch_threads`` is False (ONNX Runtime: one intra-op pool, fixed when its session
+is created, so every count tried costs a new session) gets one count for both, chosen by decode speed.
+Timing runs never pass the backend's context: a tiny ``n_ctx`` shortens the batches and decode steps.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -107,6 +112,28 @@ def pick(speeds: dict[int, float]) -> int:
 
 # --- timing on the loaded model ---
 
+def separate_pools(backend: Backend) -> bool:
+    """Whether ``backend`` runs prompt batches on a thread pool of its own (llama.cpp: yes)."""
+    return bool(getattr(backend, "separate_batch_threads", True))
+
+
+@dataclass(frozen=True)
+class RunSizes:
+    """Lengths of the timing runs, bounded by the backend's context (tokens)."""
+
+    chunk: int                 # tokens per batch call (and the prefix decode steps start from)
+    batch_tokens: int          # tokens of one batch timing run
+    decode_steps: int          # one-token steps of one decode timing run
+
+
+def run_sizes(n_ctx: int, per_step_s: float, per_batch_token_s: float, trial_s: float) -> RunSizes:
+    """Run lengths that take about ``trial_s`` each, within [MIN, MAX] and within ``n_ctx`` (pure)."""
+    chunk = max(1, min(MIN_BATCH_TOKENS, n_ctx // 2))
+    steps = int(min(MAX_DECODE_STEPS, max(MIN_DECODE_STEPS, trial_s / max(per_step_s, 1e-6))))
+    tokens = int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, trial_s / max(per_batch_token_s, 1e-6))))
+    return RunSizes(chunk, max(1, min(tokens, n_ctx)), max(1, min(steps, n_ctx - chunk)))
+
+
 def _sample_tokens(backend: Backend, n: int) -> list[int]:
     ids = backend.tokenize(SAMPLE_TEXT, add_special=False, parse_special=False)
     return (ids * (n // max(len(ids), 1) + 1))[:n]
@@ -125,15 +152,16 @@ def _time_decode(backend: Backend, prefix: int, token: int, steps: int, limit_s:
     return (clock() - start) / done
 
 
-def _time_batch(backend: Backend, tokens: list[int], limit_s: float, clock: Callable[[], float]) -> float:
-    """Seconds per token to process ``tokens`` from an empty cache, in batches of MIN_BATCH_TOKENS; stops
+def _time_batch(backend: Backend, tokens: list[int], limit_s: float, clock: Callable[[], float],
+                chunk: int = MIN_BATCH_TOKENS) -> float:
+    """Seconds per token to process ``tokens`` from an empty cache, in batches of ``chunk``; stops
     early once ``limit_s`` has passed."""
     backend.truncate(0)
     start = clock()
     done = 0
     while done < len(tokens) and (done == 0 or clock() - start < limit_s):
-        backend.decode(tokens[done:done + MIN_BATCH_TOKENS], "last")
-        done += len(tokens[done:done + MIN_BATCH_TOKENS])
+        backend.decode(tokens[done:done + chunk], "last")
+        done += len(tokens[done:done + chunk])
     return (clock() - start) / done
 
 
@@ -153,11 +181,12 @@ def measure(backend: Backend, decode_counts: Sequence[int], batch_counts: Sequen
     # Warm-up: the first pass faults the memory-mapped weights in; it also sizes the runs. Fewest threads:
     # on a busy machine the most threads can be many times slower.
     backend.set_threads(min(decode_counts), min(batch_counts))
-    per_batch_token = _time_batch(backend, tokens[:MIN_BATCH_TOKENS], 0.0, clock)
-    per_step = _time_decode(backend, MIN_BATCH_TOKENS, tokens[0], 1, 0.0, clock)
+    chunk = run_sizes(backend.n_ctx, 0.0, 0.0, 0.0).chunk
+    per_batch_token = _time_batch(backend, tokens[:chunk], 0.0, clock, chunk)
+    per_step = _time_decode(backend, chunk, tokens[0], 1, 0.0, clock)
     trial_s = budget_s / 2 / rounds / max(len(decode_counts), len(batch_counts))
-    steps = int(min(MAX_DECODE_STEPS, max(MIN_DECODE_STEPS, trial_s / max(per_step, 1e-6))))
-    n_tokens = int(min(MAX_BATCH_TOKENS, max(MIN_BATCH_TOKENS, trial_s / max(per_batch_token, 1e-6))))
+    sizes = run_sizes(backend.n_ctx, per_step, per_batch_token, trial_s)
+    steps, n_tokens = sizes.decode_steps, sizes.batch_tokens
     decode = dict.fromkeys(decode_counts if len(decode_counts) > 1 else (), 0.0)
     batch = dict.fromkeys(batch_counts if len(batch_counts) > 1 else (), 0.0)
     for round_ in range(rounds):
@@ -167,26 +196,31 @@ def measure(backend: Backend, decode_counts: Sequence[int], batch_counts: Sequen
             if round_ and clock() - start > budget_s:
                 break
             backend.set_threads(n, n_batch)
-            seconds = _time_decode(backend, MIN_BATCH_TOKENS, tokens[0], steps, trial_s, clock)
+            seconds = _time_decode(backend, chunk, tokens[0], steps, trial_s, clock)
             decode[n] = max(decode[n], 1.0 / seconds)
         for n in batch:
             if round_ and clock() - start > budget_s:
                 break
             backend.set_threads(n_decode, n)
-            batch[n] = max(batch[n], 1.0 / _time_batch(backend, tokens[:n_tokens], trial_s, clock))
+            batch[n] = max(batch[n], 1.0 / _time_batch(backend, tokens[:n_tokens], trial_s, clock, chunk))
     backend.truncate(0)
     return decode, batch
 
 
 def tune(backend: Backend, cores: CoreCounts | None = None, *, budget_s: float = TUNE_BUDGET_S,
          clock: Callable[[], float] = time.perf_counter) -> ThreadChoice:
-    """Choose decode and batch thread counts for ``backend`` by timing the candidates; applies them."""
+    """Choose decode and batch thread counts for ``backend`` by timing the candidates; applies them.
+    A backend with one pool (``separate_pools`` False) gets the decode choice for both."""
     start = clock()
     cores = cores or core_counts()
     decode_counts, batch_counts = decode_candidates(cores), batch_candidates(cores)
+    if not separate_pools(backend):
+        batch_counts = decode_counts[:1]              # one count: not timed
     decode, batch = measure(backend, decode_counts, batch_counts, budget_s=budget_s, clock=clock)
-    choice = ThreadChoice(n_threads=pick(decode) if decode else decode_counts[0],
-                          n_threads_batch=pick(batch) if batch else batch_counts[0], source="tuned",
+    n_decode = pick(decode) if decode else decode_counts[0]
+    choice = ThreadChoice(n_threads=n_decode,
+                          n_threads_batch=(pick(batch) if batch else batch_counts[0]) if separate_pools(backend)
+                          else n_decode, source="tuned",
                           decode_tokens_per_s=decode, prefill_tokens_per_s=batch, seconds=clock() - start)
     backend.set_threads(choice.n_threads, choice.n_threads_batch)
     logger.info("threads tuned in %.2f s: decode %d %s, batch %d %s", choice.seconds, choice.n_threads,
@@ -270,19 +304,21 @@ def choose(backend: Backend, model_path: str | Path, *, n_threads: int | None = 
            manifest_threads: tuple[int | None, int | None] = (None, None)) -> ThreadChoice:
     """Thread counts for a freshly loaded ``backend``, applied to it.
 
-    Order: explicit ``n_threads``/``n_threads_batch`` ("override"; a missing one is filled from below),
-    then the bundle manifest's ("manifest"), then the cache ("cached"), then a measurement ("tuned",
-    stored in the cache).
+    Order: explicit ``n_threads``/``n_threads_batch`` ("override"; ``n_threads`` alone sets both, as
+    ``--threads-batch`` defaults to ``--threads``; ``n_threads_batch`` alone takes the decode count from
+    below), then the bundle manifest's ("manifest"), then the cache ("cached"), then a measurement
+    ("tuned", stored in the cache). A one-pool backend (``separate_pools`` False) runs batches with the
+    decode count, and the choice says so.
     """
-    if n_threads is not None and n_threads_batch is not None:
-        choice = ThreadChoice(n_threads, n_threads_batch, "override")
+    if n_threads is not None:
+        choice = ThreadChoice(n_threads, n_threads_batch or n_threads, "override")
     else:
         base = _base_choice(backend, model_path, manifest_threads)
-        if n_threads is None and n_threads_batch is None:
-            choice = base
-        else:
-            choice = ThreadChoice(n_threads or base.n_threads, n_threads_batch or n_threads or base.n_threads_batch,
-                                  "override")
+        choice = base if n_threads_batch is None else ThreadChoice(base.n_threads, n_threads_batch, "override")
+    if not separate_pools(backend) and choice.n_threads_batch != choice.n_threads:
+        logger.info("%s runs prompt batches on its decode threads: %d, not %d", getattr(backend, "id", "the backend"),
+                    choice.n_threads, choice.n_threads_batch)
+        choice = dataclasses.replace(choice, n_threads_batch=choice.n_threads)
     backend.set_threads(choice.n_threads, choice.n_threads_batch)
     return choice
 
