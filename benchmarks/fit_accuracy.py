@@ -28,11 +28,10 @@ from pathlib import Path
 
 from edgellm.errors import MissingDependencyError
 from edgellm.fitting import build, fit
-from edgellm.fitting.calibration import SpeedSample, fit_calibration, save_calibration
+from edgellm.fitting.calibration import SpeedSample, fit_calibration, predict, sample_from_facts, save_calibration
 from edgellm.fitting.measure import measure
-from edgellm.fitting.memory import Settings
 from edgellm.fitting.quant import recipe
-from edgellm.fitting.speed import Calibration, device_facts, kv_read_bytes, read_per_token
+from edgellm.fitting.speed import Calibration, device_facts
 from edgellm.fitting.tables import builtin_tables
 
 OVER, UNDER = 0.05, 0.02
@@ -118,11 +117,11 @@ def speed_table(rows: list[Row], title: str, predicted: dict[int, float] | None 
 
 def sample(row: Row) -> SpeedSample:
     plan = row.plan
-    facts, cand = plan.facts, plan.chosen.candidate
-    types, _ = recipe(facts, cand.file_type)
-    reads = read_per_token(facts.tensors, types, facts.shape.tied_embeddings, 0, facts.shape.n_layers, False)
-    kv = kv_read_bytes(facts.shape, Settings(n_ctx=cand.n_ctx, kv_type=cand.kv_type), 80)
-    return SpeedSample(reads, plan.runtime.n_threads, facts.shape.vocab_size, kv, row.speed_measured)
+    types, _ = recipe(plan.facts, plan.chosen.candidate.file_type)
+    # 16 prompt tokens, 64 generated: the mean depth while decoding is about 48 (one 256-cell KV read step)
+    return sample_from_facts(plan.facts, types, threads=plan.runtime.n_threads, n_ctx=plan.chosen.candidate.n_ctx,
+                             kv_type=plan.chosen.candidate.kv_type, depth=48, tokens_per_s=row.speed_measured,
+                             model=f"{row.model} {row.kind}")
 
 
 def calibrate(rows: list[Row], save: bool) -> None:
@@ -132,23 +131,15 @@ def calibrate(rows: list[Row], save: bool) -> None:
     samples = [sample(r) for r in rows]
 
     def fitted(subset: list[SpeedSample]) -> Calibration:
-        return fit_calibration(subset, device="local", isa=dev.isa, bandwidth=dev.bandwidth, clock_hz=dev.clock_hz,
+        return fit_calibration(subset, device=profile.id, isa=dev.isa, bandwidth=dev.bandwidth, clock_hz=dev.clock_hz,
                                base=base, source="benchmarks/fit_accuracy.py")
 
-    def predict(cal: Calibration, s: SpeedSample) -> float:
-        row = cal.efficiency[0]
-        cycles = cal.cpu_cycles[dev.isa]
-        t = sum(max(b / (dev.bandwidth * row.bandwidth), n * cycles.get(k, 0.0) / (s.threads * dev.clock_hz))
-                for k, (b, n) in s.reads.items())
-        t += s.kv_bytes / (dev.bandwidth * row.bandwidth) + row.per_token_s + s.vocab_size * row.per_vocab_s
-        return 1 / t
-
-    loo = {i: predict(fitted(samples[:i] + samples[i + 1:]), s) for i, s in enumerate(samples)}
+    loo = {i: predict(fitted(samples[:i] + samples[i + 1:]), s, dev) for i, s in enumerate(samples)}
     speed_table(rows, "Decode tok/s after calibration, leave-one-out (each row predicted without its own run)", loo)
     full = fitted(samples)
     print(f"\ncalibration: {full}")
     if save:
-        print(f"written to {save_calibration(full)}")
+        print(f"written to {save_calibration(full, samples=samples)}")
 
 
 def kv_quality() -> None:

@@ -20,6 +20,7 @@ import logging
 import resource
 import statistics
 import sys
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -53,6 +54,8 @@ class BenchRun:
     ttft_seconds: float
     prefill_tokens_per_s: float
     decode_tokens_per_s: float
+    drafted_tokens: int = 0       # early exit: draft tokens proposed / accepted in this run
+    accepted_tokens: int = 0
 
 
 @dataclass(frozen=True)
@@ -86,6 +89,8 @@ class BenchResult:
     runs: tuple[BenchRun, ...]
     predictions: tuple[Prediction, ...] = ()
     predictions_note: str | None = None
+    early_exit: str = "off"                  # the runtime's early-exit mode (edgellm.early_exit)
+    acceptance_rate: float | None = None     # accepted / drafted tokens over the runs; None when nothing was drafted
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -173,7 +178,7 @@ def _timed_run(runtime: Any, prompt: list[int], gen_tokens: int) -> BenchRun:
         logger.warning("the model ended after %d of %d tokens: decode speed is over fewer steps",
                        stats.generated_tokens, gen_tokens)
     return BenchRun(stats.prompt_tokens, stats.generated_tokens, stats.ttft_seconds,
-                    stats.prefill_tokens_per_s, stats.decode_tokens_per_s)
+                    stats.prefill_tokens_per_s, stats.decode_tokens_per_s, stats.drafted_tokens, stats.accepted_tokens)
 
 
 def _check_args(prompt_tokens: int, gen_tokens: int, repeat: int) -> None:
@@ -184,8 +189,10 @@ def _check_args(prompt_tokens: int, gen_tokens: int, repeat: int) -> None:
 
 
 def bench(path: str | Path, *, prompt_tokens: int = DEFAULT_PROMPT_TOKENS, gen_tokens: int = DEFAULT_GEN_TOKENS,
-          n_ctx: int | None = None, n_threads: int | None = None, repeat: int = DEFAULT_REPEAT) -> BenchResult:
-    """Load the bundle or model at ``path`` and measure it (see the module docstring).
+          n_ctx: int | None = None, n_threads: int | None = None, repeat: int = DEFAULT_REPEAT,
+          provider: str | None = None, early_exit: str | None = None) -> BenchResult:
+    """Load the bundle or model at ``path`` and measure it (see the module docstring). ``provider``: the ONNX
+    Runtime execution provider for ONNX models (``Runtime.load``'s).
 
     Raises:
         SettingsError: prompt_tokens or gen_tokens below 2, repeat below 1.
@@ -197,7 +204,7 @@ def bench(path: str | Path, *, prompt_tokens: int = DEFAULT_PROMPT_TOKENS, gen_t
     _check_args(prompt_tokens, gen_tokens, repeat)
     predicted, note = manifest_predictions(path)
     scope = "bench" if reset_peak_rss() else "process"
-    with Runtime.load(path, n_ctx=n_ctx, n_threads=n_threads) as runtime:
+    with Runtime.load(path, n_ctx=n_ctx, n_threads=n_threads, provider=provider, early_exit=early_exit) as runtime:
         info = runtime.info
         if prompt_tokens + gen_tokens > info.n_ctx:
             raise ContextOverflowError(prompt_tokens + gen_tokens, info.n_ctx,
@@ -215,4 +222,89 @@ def bench(path: str | Path, *, prompt_tokens: int = DEFAULT_PROMPT_TOKENS, gen_t
                        prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repeat=repeat,
                        load_seconds=info.load_seconds, rss_after_load_bytes=info.rss_after_load_bytes,
                        peak_rss_scope=scope, runs=runs, predictions=compare(predicted, measured),
-                       predictions_note=note, **measured)
+                       predictions_note=note, early_exit=info.early_exit,
+                       acceptance_rate=_acceptance(runs), **measured)
+
+
+def _acceptance(runs: tuple[BenchRun, ...]) -> float | None:
+    drafted = sum(r.drafted_tokens for r in runs)
+    return sum(r.accepted_tokens for r in runs) / drafted if drafted else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Calibrating the speed model of `edgellm fit --device local`
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One calibration measurement: decode tok/s at ``threads`` (fastest run) and what the fitted
+    calibration predicts for it."""
+
+    threads: int
+    measured_tokens_per_s: float
+    predicted_tokens_per_s: float
+
+
+@dataclass(frozen=True)
+class CalibrationResult:
+    path: str                     # the calibration file written
+    device: str                   # profile id it belongs to ("local")
+    points: tuple[CalibrationPoint, ...]
+    n_samples: int                # samples the calibration is fitted to (earlier models' included)
+    calibration: dict[str, Any]   # Calibration.to_dict()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def calibration_threads(planned: int) -> tuple[int, ...]:
+    """Thread counts to measure: one and the count fit plans (two counts separate the per-thread kernel
+    cost from the fixed cost per token)."""
+    return tuple(sorted({1, max(planned, 1)}))
+
+
+def calibrate(path: str | Path, *, threads: tuple[int, ...] | None = None,
+              prompt_tokens: int = DEFAULT_PROMPT_TOKENS, gen_tokens: int = DEFAULT_GEN_TOKENS,
+              repeat: int = DEFAULT_REPEAT, calibration_file: str | Path | None = None) -> CalibrationResult:
+    """Measure decode speed of the GGUF (or GGUF bundle) at ``path`` on this machine at each thread count
+    (default: 1 and the decode threads fit plans) and fit the speed model that ``edgellm fit --device local``
+    uses (``edgellm.fitting.calibration``; the file keeps the samples, so calibrating with more models refines
+    it). The fastest of the ``repeat`` runs counts: other processes only ever slow a run down.
+
+    Returns a ``CalibrationResult`` (the file written, measured and re-predicted speeds).
+
+    Raises:
+        UsageError: the model is not a GGUF (the speed model's calibration is llama.cpp's).
+        SettingsError, ContextOverflowError, EdgeLLMError: as ``bench``.
+    """
+    from edgellm.errors import UsageError
+    from edgellm.fitting.calibration import predict, sample_from_facts, update_calibration
+    from edgellm.fitting.candidates import threads as planned_threads
+    from edgellm.fitting.inspect import inspect_model
+    from edgellm.fitting.speed import device_facts
+    from edgellm.fitting.tables import builtin_tables
+    from edgellm.targets import resolve_device
+
+    resolved = bundles.resolve(path)
+    if resolved.model_path.suffix.lower() != ".gguf":
+        raise UsageError(problem=f"{resolved.model_path.name} is not a GGUF file: the speed calibration is "
+                                 "llama.cpp's", hint_text="calibrate with a .gguf model or bundle")
+    profile = resolve_device("local").profile
+    facts = inspect_model(resolved.model_path, exact=False)
+    types = {t.name: t.type for t in facts.tensors}
+    kv_type = resolved.manifest.runtime.kv_type if resolved.manifest else "f16"
+    depth = prompt_tokens + gen_tokens // 2          # mean context depth while decoding
+    samples, runs = [], []
+    for n in threads or calibration_threads(planned_threads(profile)[0]):
+        result = bench(path, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, n_threads=n, repeat=repeat)
+        fastest = max(r.decode_tokens_per_s for r in result.runs)
+        samples.append(sample_from_facts(facts, types, threads=n, n_ctx=result.n_ctx, kv_type=kv_type or "f16",
+                                         depth=depth, tokens_per_s=fastest, model=str(resolved.model_path.resolve())))
+        runs.append((n, fastest))
+    source = f"edgellm bench --calibrate {time.strftime('%Y-%m-%d')}"
+    calibration, merged, written = update_calibration(
+        samples, profile, base=builtin_tables().speed,
+        path=Path(calibration_file) if calibration_file else None, source=source)
+    dev = device_facts(profile, 1)
+    points = tuple(CalibrationPoint(n, tps, predict(calibration, s, dev)) for (n, tps), s in zip(runs, samples))
+    return CalibrationResult(path=str(written), device=profile.id, points=points, n_samples=len(merged),
+                             calibration=calibration.to_dict())

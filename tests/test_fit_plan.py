@@ -10,8 +10,8 @@ import pytest
 from edgellm.converters import archs
 from edgellm.converters.spec import ModelSpec, hparams
 from edgellm.errors import NoFitError, UsageError
-from edgellm.fitting import memory, quant
-from edgellm.fitting.candidates import SOURCE, contexts, threads
+from edgellm.fitting import memory, onnx_plan, quant
+from edgellm.fitting.candidates import FILE_TYPE_LADDER, SOURCE, contexts, threads
 from edgellm.fitting.facts import ModelFacts, TensorFact, facts_from_shape, shape_from_spec
 from edgellm.fitting.planner import CHOSEN, OK, TOO_LOSSY, TOO_SLOW, FitOptions, plan
 from edgellm.fitting.report import render
@@ -67,7 +67,8 @@ def test_every_profile_gets_a_plan_that_fits(facts, profile_id):
     assert chosen.memory.total_bytes > chosen.memory.weights_bytes > 0
     assert chosen.speed.decode_tokens_per_s > 0 and chosen.speed.prefill_tokens_per_s > 0
     assert result.runtime.n_ctx == chosen.candidate.n_ctx >= min(2048, facts.shape.context_length)
-    assert result.backend == next(b for b in profile.backends if b.startswith("llama.cpp"))
+    first_of = "onnxruntime" if onnx_plan.prefers_onnx(profile) else "llama.cpp"     # format "auto"
+    assert result.backend == next(b for b in profile.backends if b.startswith(first_of))
     for row in result.rows:    # every fitting row really fits; every rejected row says why
         assert (row.verdict in (OK, CHOSEN)) == (row.fits and row.verdict not in (TOO_SLOW, TOO_LOSSY))
         assert row.reason
@@ -156,7 +157,8 @@ def test_quantized_kv_is_a_fallback_with_a_note():
 
 def test_auto_context_is_the_largest_affordable():
     profile = builtin_profiles()["jetson-orin-nano-8gb"]
-    result = plan(LLAMA_8B, profile, FitOptions(), TABLES)
+    # stock types only: a mixed candidate's budget is itself sized to the context (test_fit_mixed.py)
+    result = plan(LLAMA_8B, profile, FitOptions(file_types=FILE_TYPE_LADDER), TABLES)
     n_ctx = result.chosen.candidate.n_ctx
     assert n_ctx in contexts(None, LLAMA_8B.shape.context_length)
     bigger = FitOptions(context=n_ctx * 2, file_types=(result.chosen.candidate.file_type,),

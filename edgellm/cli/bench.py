@@ -8,6 +8,7 @@ from pathlib import Path
 
 from edgellm import bench as benchmark
 from edgellm.cli.output import note, print_json, table
+from edgellm.cli.run import add_early_exit_flag
 from edgellm.units import format_bytes
 
 
@@ -24,7 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ctx", type=int, metavar="N", help="context length in tokens (default: the bundle's)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for decode and prompt (default: the bundle's, else measured once and cached)")
+    p.add_argument("--provider", metavar="NAME",
+                   help="ONNX models: ONNX Runtime execution provider (cpu, cuda, qnn, ..., auto; see `edgellm run`)")
+    add_early_exit_flag(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--calibrate", action="store_true",
+                   help="measure decode speed at 1 and the planned thread count (or --threads) and write the speed "
+                        "calibration `edgellm fit --device local` uses (GGUF models; adds to earlier calibrations)")
     p.set_defaults(run=run)
 
 
@@ -37,6 +44,8 @@ def result_rows(result: benchmark.BenchResult) -> list[tuple[str, str]]:
         ("time to first token", f"{result.ttft_seconds * 1000:.0f} ms ({result.prompt_tokens}-token prompt)"),
         ("prefill", f"{result.prefill_tokens_per_s:.1f} tok/s"),
         ("decode", f"{result.decode_tokens_per_s:.1f} tok/s ({result.gen_tokens} tokens)"),
+        ("early exit", result.early_exit + ("" if result.acceptance_rate is None
+                                            else f" (acceptance {result.acceptance_rate:.2f})")),
         ("RSS after load", format_bytes(result.rss_after_load_bytes)),
         ("peak RSS", f"{format_bytes(result.peak_rss_bytes)} ({result.peak_rss_scope})"),
     ]
@@ -48,9 +57,31 @@ def prediction_rows(result: benchmark.BenchResult) -> list[tuple[str, str, str, 
              f"{p.ratio:.2f}") for p in result.predictions]
 
 
+def calibration_rows(result: benchmark.CalibrationResult) -> list[tuple[str, str, str, str]]:
+    """(threads, measured, predicted, error) rows: the calibrated model against its own measurements."""
+    return [(str(p.threads), f"{p.measured_tokens_per_s:.1f}", f"{p.predicted_tokens_per_s:.1f}",
+             f"{100 * (p.predicted_tokens_per_s / p.measured_tokens_per_s - 1):+.1f}%") for p in result.points]
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    threads = benchmark.calibration_threads(args.threads) if args.threads else None
+    result = benchmark.calibrate(args.bundle, threads=threads, prompt_tokens=args.prompt_tokens,
+                                 gen_tokens=args.gen_tokens, repeat=args.repeat)
+    if args.json:
+        print_json(result.to_dict())
+        return 0
+    print(table(("threads", "decode tok/s measured", "calibrated prediction", "error"), calibration_rows(result)))
+    note(f"speed calibration for `edgellm fit --device {result.device}` written to {result.path} "
+         f"({result.n_samples} sample(s) in all)")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
+    if getattr(args, "calibrate", False):
+        return run_calibration(args)
     result = benchmark.bench(args.bundle, prompt_tokens=args.prompt_tokens, gen_tokens=args.gen_tokens,
-                             n_ctx=args.ctx, n_threads=args.threads, repeat=args.repeat)
+                             n_ctx=args.ctx, n_threads=args.threads, repeat=args.repeat, provider=args.provider,
+                             early_exit=args.early_exit)
     if args.json:
         print_json(result.to_dict())
         return 0

@@ -1,8 +1,12 @@
 """``edgellm fit``: size a model to a device profile and write a bundle that runs there.
 
     edgellm fit --device PROFILE MODEL [-o OUT_DIR] [--context N] [--min-tokens-per-s X]
-                [--max-quality-loss KLD] [--kv-type f16|q8_0|q4_0] [--measure-quality]
-                [--dry-run] [--json]
+                [--max-quality-loss KLD] [--kv-type f16|q8_0|q4_0] [--format auto|gguf|onnx|both]
+                [--allow-prune] [--measure-quality] [--dry-run] [--json]
+
+Candidates: llama.cpp file types, MIXED@<bpw> budgets for the converter's per-tensor allocator (16-bit
+sources), and ONNX types (fp32/fp16/int8/int4) when ONNX is planned. With ``--device local`` the speed model
+uses the calibration ``edgellm bench MODEL --calibrate`` wrote, and the table says which.
 
 The plan table goes to stderr; ``--json`` prints the plan (or, after a build, the bundle and its plan) on
 stdout. Without ``-o`` the bundle goes to ``<model name>-<device>/`` in the current folder; ``--dry-run``
@@ -17,6 +21,7 @@ from pathlib import Path
 from edgellm.cli import output
 
 KV_CHOICES = ("f16", "q8_0", "q4_0")
+FORMATS = ("auto", "gguf", "onnx", "both")     # edgellm.fitting.planner.FORMATS (kept import-light here)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -34,6 +39,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="reject candidates whose expected KL divergence from the 16-bit model is larger")
     p.add_argument("--kv-type", choices=KV_CHOICES, help="KV cache type (default f16; q8_0/q4_0 are tried only "
                                                          "when nothing fits)")
+    p.add_argument("--format", choices=FORMATS, default="auto",
+                   help="model format: gguf (llama.cpp), onnx (ONNX Runtime, from a checkpoint) or both; auto "
+                        "(default) is onnx when the profile's first backend is an ONNX Runtime provider")
+    p.add_argument("--allow-prune", action="store_true",
+                   help="also offer models with whole blocks dropped (the cheapest on calibration text); their "
+                        "quality loss is measured first (minutes), never assumed")
     p.add_argument("--measure-quality", action="store_true",
                    help="quantize the candidates that fit and measure their KL divergence (slow)")
     p.add_argument("--dry-run", action="store_true", help="plan only: write nothing")
@@ -53,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
     result = fit(args.model, args.device, context=args.context, min_tokens_per_s=args.min_tokens_per_s,
                  max_quality_loss=args.max_quality_loss, kv_type=args.kv_type,
-                 measure_quality=args.measure_quality)
+                 measure_quality=args.measure_quality, format=args.format, allow_prune=args.allow_prune)
     if result.device_reason and result.profile.id != args.device:
         output.note(result.device_reason)
     output.note(render(result))
@@ -69,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         output.print_json({"bundle": str(bundle.path), "model": str(bundle.model_path), "plan": result.to_dict()})
     else:
         print(bundle.path)
-    output.note(f"bundle written to {bundle.path}; run it with `edgellm run {bundle.path}` or see "
-                f"{bundle.path / 'llama.cpp.txt'} and {bundle.path / 'Modelfile'}")
+    others = ("ONNX Runtime GenAI runs the folder as it is (genai_config.json)" if result.runtime.provider else
+              f"see {bundle.path / 'llama.cpp.txt'} and {bundle.path / 'Modelfile'}")
+    output.note(f"bundle written to {bundle.path}; run it with `edgellm run {bundle.path}`; {others}")
     return 0

@@ -22,6 +22,8 @@ from edgellm import bundle as bundles
 from edgellm.errors import UsageError
 from edgellm.fitting.candidates import SOURCE
 from edgellm.fitting.facts import TensorFact
+from edgellm.fitting import onnx_plan
+from edgellm.fitting.mixed import MIXED
 from edgellm.fitting.planner import Plan
 from edgellm.fitting.quant import weight_bytes
 
@@ -46,14 +48,20 @@ class Bundle:
 
 def model_file_name(plan: Plan) -> str:
     """``<name>-<type>.gguf`` with the name reduced to safe characters."""
-    kind = plan.facts.source_type if plan.chosen.candidate.file_type == SOURCE else plan.chosen.candidate.file_type
+    kind = plan.facts.source_type if plan.chosen.candidate.file_type == SOURCE else plan.chosen.candidate.name
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", plan.facts.name).strip("-.").lower() or "model"
-    return f"{stem}-{kind.lower()}.gguf"
+    return f"{stem}-{re.sub(r'[^A-Za-z0-9._-]+', '-', kind).lower()}.gguf"
 
 
-def write_model(plan: Plan, out_path: Path) -> None:
-    """Convert or quantize the source into ``out_path`` as the chosen candidate's file type."""
+def write_model(plan: Plan, out_path: Path) -> dict[str, Any] | None:
+    """Convert or quantize the source into ``out_path`` as the chosen candidate's file type. Returns the
+    allocation summary of a mixed-precision candidate (``plan.allocation`` in the manifest), else None."""
     file_type, source = plan.chosen.candidate.file_type, Path(plan.facts.source)
+    if file_type == MIXED:
+        return write_mixed(plan, out_path)
+    if plan.chosen.candidate.prune:
+        write_pruned_model(plan, out_path)
+        return None
     if plan.facts.source_format == "hf":
         from edgellm.converters import convert
         convert(source, out_path, type=file_type)
@@ -62,6 +70,66 @@ def write_model(plan: Plan, out_path: Path) -> None:
     else:
         from edgellm.converters.quantize import quantize_gguf
         quantize_gguf(source, out_path, file_type, allow_requantize=True)
+    return None
+
+
+def write_pruned_model(plan: Plan, out_path: Path) -> None:
+    """The 16-bit source without the candidate's blocks (``prune.write_pruned``), quantized to its file type;
+    intermediates live next to the output (inside the partial bundle folder) and are removed."""
+    from edgellm.fitting.prune import write_pruned
+
+    cand, source = plan.chosen.candidate, Path(plan.facts.source)
+    scratch = out_path.parent / f".prune-{out_path.stem}"
+    scratch.mkdir(exist_ok=True)
+    try:
+        f16 = source
+        if plan.facts.source_format == "hf":
+            from edgellm.converters import convert
+            f16 = scratch / "f16.gguf"
+            convert(source, f16, type="f16")
+        pruned = scratch / "pruned.gguf"
+        write_pruned(f16, pruned, cand.prune)
+        if cand.file_type in ("F16", "BF16", "F32"):
+            os.replace(pruned, out_path)
+        else:
+            from edgellm.converters.quantize import quantize_gguf
+            quantize_gguf(pruned, out_path, cand.file_type)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def file_budget(f16_gguf: Path, weights_budget: int) -> int:
+    """The file budget for ``quantize_to_budget`` whose tensor data stays within ``weights_budget`` bytes:
+    the weights plus the F16 file's header and the room the allocator keeps for llama.cpp's imatrix keys (its
+    JSON record then comes out of the weights' share, so they land a little under the plan)."""
+    from edgellm.converters.quantize import read_gguf_header
+    from edgellm.converters.sensitivity import IMATRIX_KV_RESERVE
+
+    return weights_budget + read_gguf_header(f16_gguf).data_start + IMATRIX_KV_RESERVE
+
+
+def write_mixed(plan: Plan, out_path: Path) -> dict[str, Any]:
+    """Measure the source's sensitivity and write the allocation for the candidate's budget
+    (``converters.sensitivity.quantize_to_budget``); a checkpoint is converted to F16 first, next to the
+    output (inside the partial bundle folder, removed after)."""
+    from edgellm.converters.sensitivity import quantize_to_budget
+
+    cand, source = plan.chosen.candidate, Path(plan.facts.source)
+    scratch = out_path.parent / f".mixed-{out_path.stem}"
+    scratch.mkdir(exist_ok=True)
+    try:
+        f16 = source
+        if plan.facts.source_format == "hf":
+            from edgellm.converters import convert
+            f16 = scratch / "f16.gguf"
+            convert(source, f16, type="f16")
+        budget = file_budget(f16, cand.weights_budget)
+        result, allocation = quantize_to_budget(f16, out_path, budget, budget_label=cand.label)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {"weights_budget_bytes": cand.weights_budget, "file_budget_bytes": budget,
+            "file_bytes": result.size_bytes, "expected_kld": allocation.expected_loss,
+            "types": allocation.type_counts()}
 
 
 def written_weights(path: Path) -> int:
@@ -112,10 +180,12 @@ def ollama_modelfile(plan: Plan, model_name: str) -> str:
 
 
 def manifest_sections(plan: Plan, source_sha256: str, source_files: list[dict[str, Any]],
-                      weights: int) -> dict[str, Any]:
+                      weights: int, allocation: dict[str, Any] | None = None) -> dict[str, Any]:
     """The sections ``edgellm fit`` owns in the manifest: plan, target, source, created."""
     plan_data = plan.to_dict()
     plan_data["memory"]["written_weights_bytes"] = weights
+    if allocation is not None:
+        plan_data["allocation"] = allocation
     return {
         "plan": plan_data,
         "target": plan.profile.to_dict(),
@@ -128,6 +198,9 @@ def manifest_sections(plan: Plan, source_sha256: str, source_files: list[dict[st
 
 def _runtime_settings(plan: Plan) -> bundles.RuntimeSettings:
     rt = plan.runtime
+    if rt.provider is not None:           # ONNX: the graph fixes the KV dtype; the provider runs every layer
+        return bundles.RuntimeSettings(n_ctx=rt.n_ctx, n_threads=rt.n_threads, n_threads_batch=rt.n_threads_batch,
+                                       provider=rt.provider)
     return bundles.RuntimeSettings(n_ctx=rt.n_ctx, n_threads=rt.n_threads, n_threads_batch=rt.n_threads_batch,
                                    n_batch=rt.n_batch, kv_type=rt.kv_type, n_gpu_layers=rt.n_gpu_layers,
                                    mmap=rt.mmap, mlock=rt.mlock)
@@ -165,13 +238,48 @@ def build(plan: Plan, out_dir: str | Path, *, progress: Progress | None = None) 
     return Bundle(out, bundle.manifest, out / bundle.manifest.model, bundle.weights_bytes, bundle.notes)
 
 
+def _fill_onnx(plan: Plan, folder: Path, say: Progress) -> Bundle:
+    """The ONNX converter's folder (model.onnx, its data file, genai_config.json, tokenizer files) as the
+    bundle: ONNX Runtime GenAI runs it as it is, edgellm through the manifest."""
+    from edgellm.converters.onnx import DATA_FILE, MODEL_FILE, convert_onnx
+
+    cand, rt = plan.chosen.candidate, plan.runtime
+    say(f"writing {MODEL_FILE} ({cand.file_type} for {rt.provider})")
+    staging = folder / ".onnx"
+    result = convert_onnx(plan.facts.source, staging, onnx_plan.onnx_type(cand.file_type), provider=rt.provider,
+                          context_length=cand.n_ctx)
+    for item in staging.iterdir():
+        os.rename(item, folder / item.name)
+    staging.rmdir()
+    weights, notes = (folder / DATA_FILE).stat().st_size, [*result.notes]
+    if weights != plan.chosen.memory.weights_bytes:
+        notes.append(f"the written weights are {weights} bytes, the plan sized {plan.chosen.memory.weights_bytes}")
+        logger.warning("%s", notes[-1])
+    say("hashing the source and the bundle files")
+    digest, source_files = source_digest(Path(plan.facts.source))
+    files = tuple(bundles.describe_file(folder, name, role="model" if name == MODEL_FILE else "")
+                  for name in sorted(result.files))
+    manifest = bundles.Manifest(model=MODEL_FILE, files=files, runtime=_runtime_settings(plan),
+                                extra=manifest_sections(plan, digest, source_files, weights))
+    bundles.write_manifest(folder, manifest)
+    return Bundle(folder, manifest, folder / MODEL_FILE, weights, tuple(notes))
+
+
 def _fill(plan: Plan, folder: Path, progress: Progress | None) -> Bundle:
     say = progress or (lambda stage: logger.info("%s", stage))
+    if onnx_plan.is_onnx(plan.chosen.candidate.file_type):
+        return _fill_onnx(plan, folder, say)
     name = model_file_name(plan)
-    say(f"writing {name} ({plan.chosen.candidate.file_type})")
-    write_model(plan, folder / name)
+    first = ": measuring sensitivity first" if plan.chosen.candidate.weights_budget else ""
+    say(f"writing {name} ({plan.chosen.candidate.name}{first})")
+    allocation = write_model(plan, folder / name)
     weights, notes = written_weights(folder / name), []
-    if weights != plan.chosen.memory.weights_bytes:
+    if allocation is not None:
+        notes.append(f"mixed precision: {allocation['types']} in {weights} bytes of weights (budget "
+                     f"{plan.chosen.candidate.weights_budget}); the measured loss model expects KLD "
+                     f"{allocation['expected_kld']:.4f}")
+        logger.info("%s", notes[-1])
+    elif weights != plan.chosen.memory.weights_bytes:
         notes.append(f"the written weights are {weights} bytes, the plan sized {plan.chosen.memory.weights_bytes}")
         logger.warning("%s", notes[-1])
     (folder / LLAMA_CPP_FILE).write_text(llama_cpp_command(plan, name), encoding="utf-8")
@@ -182,6 +290,6 @@ def _fill(plan: Plan, folder: Path, progress: Progress | None) -> Bundle:
              bundles.describe_file(folder, LLAMA_CPP_FILE, role="llama.cpp command line"),
              bundles.describe_file(folder, MODELFILE, role="ollama modelfile"))
     manifest = bundles.Manifest(model=name, files=files, runtime=_runtime_settings(plan),
-                                extra=manifest_sections(plan, digest, source_files, weights))
+                                extra=manifest_sections(plan, digest, source_files, weights, allocation))
     bundles.write_manifest(folder, manifest)
     return Bundle(folder, manifest, folder / name, weights, tuple(notes))

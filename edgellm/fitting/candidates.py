@@ -34,15 +34,23 @@ BIG_CORE_CLOCK_SHARE = 0.8          # decode threads: cores clocked within 80% o
 class Candidate:
     """One configuration to size: a file type with a KV cache type, context and batch."""
 
-    file_type: str                  # llama.cpp file type, or SOURCE
+    file_type: str                  # llama.cpp file type, SOURCE, or MIXED (mixed.py)
     kv_type: str = "f16"
     n_ctx: int = 4096
     n_batch: int = N_BATCH
+    weights_budget: int = 0         # MIXED: tensor bytes the allocator may fill (0 otherwise)
+    label: str = ""                 # MIXED: its name ("MIXED@4.53bpw"); pruned: "Q8_0-PRUNE2"
+    prune: tuple[int, ...] = ()     # blocks dropped (original indices), --allow-prune only
+
+    @property
+    def name(self) -> str:
+        """The weights' name: the file type, or a mixed candidate's label."""
+        return self.label or self.file_type
 
     @property
     def key(self) -> str:
-        """Name in tables and in ``ModelFacts.measured_kld`` (file type, plus a non-default KV type)."""
-        return self.file_type + ("" if self.kv_type == "f16" else f"+kv:{self.kv_type}")
+        """Name in tables and in ``ModelFacts.measured_kld`` (weights' name, plus a non-default KV type)."""
+        return self.name + ("" if self.kv_type == "f16" else f"+kv:{self.kv_type}")
 
 
 def source_main_bits(facts: ModelFacts) -> float:

@@ -110,7 +110,9 @@ class ModelFacts:
 
     ``recipes`` maps a llama.cpp file type ("Q4_K_M") to the ggml type llama.cpp gives each tensor (from a
     quantizer dry run at the I/O edge); file types missing there are sized with ``quant.approximate_recipe``.
-    ``measured_kld`` holds KL divergences measured on calibration text (``--measure-quality``), by candidate.
+    ``measured_kld`` holds KL divergences measured on calibration text (``--measure-quality``), by candidate;
+    ``predicted_kld`` the mixed candidates' KLD as the loss model fitted to measured sensitivity prices them
+    (``recipes`` then also holds their exact allocation under the candidate's label).
     """
 
     name: str                     # display name ("gemma-3-270m")
@@ -121,6 +123,8 @@ class ModelFacts:
     tensors: tuple[TensorFact, ...]
     recipes: Mapping[str, Mapping[str, str]] = field(default_factory=dict)
     measured_kld: Mapping[str, float] = field(default_factory=dict)
+    predicted_kld: Mapping[str, float] = field(default_factory=dict)   # mixed candidates: measured loss model
+    prunings: tuple[Any, ...] = ()  # ``prune.Pruning``s measured for --allow-prune (blocks dropped, their KLD)
     notes: tuple[str, ...] = ()   # facts worth showing (e.g. a window llama.cpp ignores)
 
     @property

@@ -16,6 +16,8 @@ from pathlib import Path
 from edgellm import bundle as bundles
 from edgellm.fitting.candidates import SOURCE
 from edgellm.fitting.facts import ModelFacts
+from edgellm.fitting import onnx_plan
+from edgellm.fitting.mixed import MIXED
 from edgellm.fitting.planner import CHOSEN, OK, Evaluated, Plan
 
 logger = logging.getLogger(__name__)
@@ -60,11 +62,18 @@ def _with_kv(path: Path, kv_type: str, folder: Path) -> Path:
 
 
 def measure_candidates(plan: Plan, *, max_candidates: int = MAX_CANDIDATES, max_tokens: int = MAX_TOKENS) -> ModelFacts:
-    """The plan's facts with ``measured_kld`` filled for the best candidates that fit."""
+    """The plan's facts with ``measured_kld`` filled for the best stock candidates that fit, and, when the plan
+    has mixed-precision candidates, ``predicted_kld`` and exact ``recipes`` for them from one sensitivity
+    measurement (``price_mixed``)."""
     from edgellm.evaluate import evaluate
 
-    rows = sorted((r for r in plan.rows if r.verdict in (OK, CHOSEN)), key=lambda r: r.quality.kld)[:max_candidates]
+    fitting = [r for r in plan.rows if r.verdict in (OK, CHOSEN)]
+    # mixed rows are priced below; pruned rows were measured already; ONNX rows keep their priors
+    stock = [r for r in fitting if r.candidate.file_type != MIXED and not r.candidate.prune
+             and not onnx_plan.is_onnx(r.candidate.file_type)]
+    rows = sorted(stock, key=lambda r: r.quality.kld)[:max_candidates]
     measured = dict(plan.facts.measured_kld)
+    facts = plan.facts
     with tempfile.TemporaryDirectory(prefix="edgellm-quality-") as tmp:
         folder = Path(tmp)
         reference = _reference(plan, folder)
@@ -73,4 +82,28 @@ def measure_candidates(plan: Plan, *, max_candidates: int = MAX_CANDIDATES, max_
             result = evaluate(model, reference=reference, n_ctx=EVAL_N_CTX, max_tokens=max_tokens)
             measured[row.candidate.key] = result.comparison.kld_mean
             logger.info("%s: KLD %.4f", row.candidate.key, measured[row.candidate.key])
-    return replace(plan.facts, measured_kld=measured)
+        budgets = {r.candidate.label: r.candidate.weights_budget for r in plan.rows if r.candidate.file_type == MIXED}
+        if budgets:
+            facts = price_mixed(facts, reference, budgets, work_dir=folder)
+    return replace(facts, measured_kld=measured)
+
+
+def price_mixed(facts: ModelFacts, f16_gguf: Path, budgets: dict[str, int], *, work_dir: Path) -> ModelFacts:
+    """Measure the sensitivity of ``f16_gguf`` once (``converters.sensitivity.measure_sensitivity``: minutes
+    for small models) and let its loss model price every mixed budget with ``allocate.solve`` (cheap): the
+    facts gain ``predicted_kld`` and the allocation's exact types (``recipes``) by candidate label."""
+    from edgellm.converters import allocate
+    from edgellm.converters.sensitivity import fixed_bytes, measure_sensitivity
+    from edgellm.fitting.bundler import file_budget
+    from edgellm.fitting.quant import recipe
+
+    sensitivity = measure_sensitivity(f16_gguf, work_dir=work_dir)
+    fixed = fixed_bytes(f16_gguf, 0)
+    float_types = recipe(facts, "F16")[0]
+    predicted, recipes = dict(facts.predicted_kld), dict(facts.recipes)
+    for label, weights_budget in budgets.items():
+        allocation = allocate.solve(sensitivity.options, file_budget(f16_gguf, weights_budget), fixed)
+        predicted[label] = allocation.expected_loss
+        recipes[label] = float_types | allocation.types
+        logger.info("%s: expected KLD %.4f (loss model)", label, predicted[label])
+    return replace(facts, predicted_kld=predicted, recipes=recipes)

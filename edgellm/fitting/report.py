@@ -53,6 +53,18 @@ def render(plan: Plan) -> str:
              f"the context full), {c.speed.prefill_tokens_per_s:.0f} tok/s prefill; {c.speed.bound}-bound; "
              f"{c.speed.basis}",
              f"  quality: KLD {c.quality.kld:.4f} ({c.quality.source}: {c.quality.note})",
-             "KLD~ = prior (no measurement); memory is the predicted peak resident memory while generating"]
+             "KLD~ = prior or loss-model estimate (not measured on text); MIXED@<bpw> = one type per tensor chosen by the "
+             "allocator within those bits per weight; memory is the predicted peak resident memory while generating"]
+    lines.append(calibration_line(plan))
     lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)
+
+
+def calibration_line(plan: Plan) -> str:
+    """Which speed coefficients the plan used: a device calibration (file and source) or the built-in table."""
+    cal = plan.calibration
+    if cal:
+        types = ", ".join(sorted({t for c in cal["cpu_cycles"].values() for t in c})) or "none"
+        return f"speed calibration: {cal['path'] or cal['device']} ({cal['source']}; kernel costs measured for {types})"
+    hint = " (`edgellm bench MODEL --calibrate` measures this machine)" if plan.device_request == "local" else ""
+    return f"speed calibration: none, built-in efficiency table{hint}"

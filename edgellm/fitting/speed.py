@@ -67,6 +67,13 @@ class Calibration:
     efficiency: tuple[Efficiency, ...] = ()
     cpu_cycles: Mapping[str, Mapping[str, float]] = field(default_factory=dict)
     source: str = ""
+    path: str = ""                        # the file it was read from (shown by fit), "" when not from a file
+
+    def to_dict(self) -> dict[str, Any]:
+        """What fit reports about the calibration it used."""
+        return {"device": self.device, "source": self.source, "path": self.path,
+                "cpu_cycles": {isa: dict(c) for isa, c in self.cpu_cycles.items()},
+                "efficiency": [asdict(r) for r in self.efficiency]}
 
 
 def apply_calibration(tables: SpeedTables, calibration: Calibration | None) -> SpeedTables:

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import functools
 import tomllib
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
+from typing import Mapping
 from importlib import resources
 
+from edgellm.fitting.onnx_plan import OrtMemory, ort_memory_from_dict
 from edgellm.fitting.quality import QualityPriors, priors_from_dict
 from edgellm.fitting.speed import Calibration, SpeedTables, apply_calibration, tables_from_dict
 
@@ -22,9 +24,12 @@ QUALITY_FILE = "quality_priors.toml"
 class Tables:
     speed: SpeedTables
     quality: QualityPriors
+    calibration: Calibration | None = None    # the device calibration applied to ``speed``, if any
+    onnx_memory: Mapping[str, OrtMemory] = field(default_factory=dict)   # ONNX Runtime overhead by backend
 
     def calibrated(self, calibration: Calibration | None) -> "Tables":
-        return replace(self, speed=apply_calibration(self.speed, calibration))
+        """These tables with ``calibration``'s measured rows taking precedence (unchanged for None)."""
+        return replace(self, speed=apply_calibration(self.speed, calibration), calibration=calibration)
 
 
 def _data(name: str) -> dict:
@@ -34,4 +39,6 @@ def _data(name: str) -> dict:
 @functools.cache
 def builtin_tables() -> Tables:
     """The tables shipped in ``edgellm/data``."""
-    return Tables(speed=tables_from_dict(_data(EFFICIENCY_FILE)), quality=priors_from_dict(_data(QUALITY_FILE)))
+    efficiency = _data(EFFICIENCY_FILE)
+    return Tables(speed=tables_from_dict(efficiency), quality=priors_from_dict(_data(QUALITY_FILE)),
+                  onnx_memory=ort_memory_from_dict(efficiency["onnx_memory"]))
