@@ -34,8 +34,9 @@ MANIFEST_NAME = "edgellm.json"
 SCHEMA_VERSION = 1
 HASH_CHUNK_BYTES = 1 << 20
 # Sections written by `edgellm fit` that the runtime carries without interpreting.
-OPAQUE_SECTIONS = ("plan", "target", "source", "created")
+OPAQUE_SECTIONS = ("plan", "target", "source", "created", "early_exit")   # early_exit: see edgellm.early_exit.attach
 MODEL_SUFFIXES = (".gguf", ".onnx")
+GENAI_CONFIG = "genai_config.json"      # marks a plain ONNX folder (ONNX Runtime GenAI's layout)
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,7 @@ class RuntimeSettings:
     n_gpu_layers: int | None = None     # -1 = all
     mmap: bool | None = None
     mlock: bool | None = None
+    provider: str | None = None         # ONNX Runtime execution provider ("cpu", "cuda", "qnn", ...); ONNX only
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,7 @@ def _parse_file(entry: Any, path: Path) -> BundleFile:
 
 _RUNTIME_TYPES: dict[str, tuple[type, ...]] = {
     "n_ctx": (int,), "n_threads": (int,), "n_threads_batch": (int,), "n_batch": (int,),
-    "kv_type": (str,), "n_gpu_layers": (int,), "mmap": (bool,), "mlock": (bool,),
+    "kv_type": (str,), "n_gpu_layers": (int,), "mmap": (bool,), "mlock": (bool,), "provider": (str,),
 }
 
 
@@ -158,7 +160,8 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise BundleError(str(bundle_dir), f"no {MANIFEST_NAME} in the folder") from None
+        raise BundleError(str(bundle_dir), f"no {MANIFEST_NAME} in the folder (nor the {GENAI_CONFIG} "
+                                                   "of an ONNX export)") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(str(path), f"cannot read the manifest: {exc}") from exc
     return parse_manifest(data, path)
@@ -227,15 +230,20 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest, *, hashes: bool = F
 
 
 def resolve(path: str | Path, *, verify: bool = False) -> ResolvedModel:
-    """Resolve a bundle folder or a plain model file to the file to load, checking the manifest.
+    """Resolve a bundle folder, a plain ONNX folder or a plain model file to the file to load, checking the
+    manifest.
 
-    A bundle's files are size-checked; ``verify`` also checks their sha256.
+    A bundle's files are size-checked; ``verify`` also checks their sha256. A folder without ``edgellm.json``
+    but with ``genai_config.json`` (``edgellm convert --format onnx``, ONNX Runtime GenAI) resolves to the
+    decoder file that config names, without a manifest.
 
     Raises:
-        ModelLoadError: the path does not exist or is neither a bundle nor a model file.
+        ModelLoadError: the path does not exist or is neither a bundle nor a model file or folder.
         BundleError, BundleMismatchError: the manifest is invalid or a file differs from it.
     """
     path = Path(path).expanduser()
+    if path.is_dir() and not (path / MANIFEST_NAME).exists() and (path / GENAI_CONFIG).exists():
+        return ResolvedModel(model_path=genai_model_file(path))
     if path.is_dir():
         manifest = read_manifest(path)
         verify_files(path, manifest, hashes=verify)
@@ -245,6 +253,22 @@ def resolve(path: str | Path, *, verify: bool = False) -> ResolvedModel:
     if path.suffix.lower() not in MODEL_SUFFIXES:
         raise ModelLoadError(str(path), f"expected a bundle folder or a {' or '.join(MODEL_SUFFIXES)} file")
     return ResolvedModel(model_path=path)
+
+
+def genai_model_file(folder: Path) -> Path:
+    """The decoder file an ONNX Runtime GenAI folder's ``genai_config.json`` names (``model.decoder.filename``).
+
+    Raises:
+        ModelLoadError: the config cannot be read or names no file in the folder.
+    """
+    try:
+        config = json.loads((folder / GENAI_CONFIG).read_text(encoding="utf-8"))
+        name = config["model"]["decoder"]["filename"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(str(folder / GENAI_CONFIG), f"cannot read the decoder file name from it ({exc})") from None
+    if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ModelLoadError(str(folder / GENAI_CONFIG), f"model.decoder.filename {name!r} is not a file in the folder")
+    return folder / name
 
 
 def _umask() -> int:

@@ -28,6 +28,7 @@ COMMANDS = {
     "serve": "serve",
     "bench": "bench",
     "eval": "eval",
+    "exit": "exit",
 }
 
 EXIT_INTERRUPTED = 130

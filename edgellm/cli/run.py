@@ -20,7 +20,9 @@ DEFAULTS = GenerationSettings()
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("bundle", metavar="BUNDLE", help="a bundle folder (with edgellm.json) or a .gguf file")
+    p.add_argument("bundle", metavar="BUNDLE",
+                   help="a bundle folder (with edgellm.json), an ONNX folder (edgellm convert --format onnx), "
+                        "or a .gguf file")
     p.add_argument("--ctx", type=int, metavar="N", help="context length in tokens (default: the bundle's, else 4096)")
     p.add_argument("--threads", type=int, metavar="N",
                    help="threads for decoding (default: the bundle's, else measured once and cached)")
@@ -28,6 +30,18 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-mmap", action="store_true", help="read the weights into memory instead of mapping the file")
     p.add_argument("--mlock", action="store_true", help="lock the weights in RAM (needs a high enough `ulimit -l`)")
     p.add_argument("--verify", action="store_true", help="check the sha256 of every bundle file before loading")
+    p.add_argument("--provider", metavar="NAME",
+                   help="ONNX models: ONNX Runtime execution provider (cpu, cuda, tensorrt, dml, coreml, qnn, "
+                        "openvino, or auto; default: the bundle's, else the one the model was exported for, else "
+                        "the probe's choice); a missing one falls back to the CPU with a warning")
+    add_early_exit_flag(p)
+
+
+def add_early_exit_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--early-exit", metavar="MODE",
+                   help="off, lossless (draft and verify: same output) or confidence[:T] (lossy: trust the exit "
+                        "head when its top-1 margin reaches T, default 0.5); default: what `edgellm exit "
+                        "calibrate` chose for the bundle, else off")
 
 
 def add_sampling_flags(p: argparse.ArgumentParser, max_tokens: int = DEFAULTS.max_tokens) -> None:
@@ -57,14 +71,16 @@ def load_runtime(args: argparse.Namespace, chat_template: str | os.PathLike | No
     """Runtime.load with the model flags (an mlock the OS refused is logged as a warning by the library)."""
     return Runtime.load(args.bundle, n_ctx=args.ctx, n_threads=args.threads, n_threads_batch=args.threads_batch,
                         mmap=not args.no_mmap, mlock=args.mlock, verify=args.verify, chat_template=chat_template,
-                        verbose=getattr(args, "verbose", False))
+                        provider=args.provider, early_exit=args.early_exit, verbose=getattr(args, "verbose", False))
 
 
 def format_stats(stats: GenerationStats) -> str:
     reused = f" ({stats.reused_prompt_tokens} reused)" if stats.reused_prompt_tokens else ""
     return (f"prompt {stats.prompt_tokens} tokens{reused} at {stats.prefill_tokens_per_s:.1f} tok/s, "
             f"first token after {stats.ttft_seconds * 1000:.0f} ms; generated {stats.generated_tokens} tokens "
-            f"at {stats.decode_tokens_per_s:.1f} tok/s")
+            f"at {stats.decode_tokens_per_s:.1f} tok/s"
+            + (f"; early exit accepted {stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens "
+               f"({stats.acceptance_rate:.0%})" if stats.drafted_tokens else ""))
 
 
 def write_stream(chunks: Iterable[Chunk]) -> Chunk:
@@ -102,8 +118,12 @@ def run(args: argparse.Namespace) -> int:
                         "info": dataclasses.asdict(runtime.info)})
             return 0
         final = write_stream(runtime.stream(prompt, settings))
+        info, exits = runtime.info, getattr(runtime.backend, "counters", None)   # confidence mode's exit counts
     if args.stats:
         note(f"{format_stats(final.stats)} [{final.finish_reason}]")
+        if info.early_exit != "off":
+            taken = f"; {exits.exits}/{exits.steps} steps exited at the reduced head" if exits else ""
+            note(f"early exit {info.early_exit}: {info.early_exit_note}{taken}")
     return 0
 
 

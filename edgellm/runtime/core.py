@@ -8,6 +8,7 @@ One call at a time: a server must serialise requests. A new call invalidates a s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -19,11 +20,14 @@ import numpy as np
 import psutil
 
 from edgellm import bundle as bundles
+from edgellm.early_exit import attach as early_exits
+from edgellm.early_exit.speculative import DraftCounters, speculative_tokens
 from edgellm.errors import ModelLoadError, NoChatTemplateError, SettingsError
 from edgellm.runtime import chat as chats
 from edgellm.runtime import threads as thread_tuning
 from edgellm.runtime.base import Backend, output_indices
-from edgellm.runtime.generate import Chunk, Completion, cache_guard, check_prompt, collect, common_prefix, run
+from edgellm.runtime.generate import (Chunk, Completion, cache_guard, check_prompt, collect, common_prefix,
+                                      plain_tokens, run)
 from edgellm.runtime.sampling import GenerationSettings, with_overrides
 
 logger = logging.getLogger(__name__)
@@ -53,6 +57,11 @@ class RuntimeInfo:
     mlock_note: str | None          # why an mlock request did not take effect
     bundle_dir: str | None
     chat_template_source: str | None   # "argument", "bundle", "model" or None (no template)
+    provider: str | None = None        # ONNX Runtime execution provider in use ("CPUExecutionProvider"); None for GGUF
+    provider_reason: str | None = None  # why that provider (requested, exported for, the probe's choice)
+    provider_note: str | None = None   # the fallback, when the wanted provider could not be used
+    early_exit: str = "off"            # "off", "lossless" or "confidence:T" (edgellm.early_exit)
+    early_exit_note: str | None = None  # the draft source in use, or why a fallback was taken
 
 
 def _read_template(chat_template: str | os.PathLike | None, resolved: bundles.ResolvedModel,
@@ -78,8 +87,10 @@ def _pick(*values: Any) -> Any:
 class Runtime:
     """A loaded model ready to generate. Create with ``Runtime.load``."""
 
-    def __init__(self, backend: Backend, info: RuntimeInfo, chat_template: str | None) -> None:
+    def __init__(self, backend: Backend, info: RuntimeInfo, chat_template: str | None,
+                 early_exit: "early_exits.Setup | None" = None) -> None:
         self.backend = backend
+        self.early_exit = early_exit      # drafting for the lossless mode, or None
         self.info = info
         self.chat_template = chat_template
         self._cached: list[int] = []      # token ids in the backend's KV cache, in order
@@ -89,15 +100,22 @@ class Runtime:
     @classmethod
     def load(cls, path: str | os.PathLike, *, n_ctx: int | None = None, n_threads: int | None = None,
              n_threads_batch: int | None = None, mmap: bool = True, mlock: bool = False, verify: bool = False,
-             chat_template: str | os.PathLike | None = None, verbose: bool = False) -> "Runtime":
-        """Load a bundle folder (with ``edgellm.json``) or a plain ``.gguf`` file.
+             chat_template: str | os.PathLike | None = None, provider: str | None = None,
+             early_exit: str | None = None, verbose: bool = False) -> "Runtime":
+        """Load a bundle folder (with ``edgellm.json``), an ONNX folder (``genai_config.json``, as
+        ``edgellm convert --format onnx`` writes), or a plain ``.gguf``/``.onnx`` file.
 
         Explicit arguments beat the bundle's runtime settings. ``chat_template`` is template text (or a
         path to a file) used instead of the bundle's or the model's. Thread counts not given come from the
         bundle, the thread cache, or a short measurement (``info.threads_source`` says which).
+        ``provider`` (ONNX models): the ONNX Runtime execution provider ("cuda", "qnn", ... or "auto"), else
+        the bundle's ``runtime.provider``; ``info.provider_reason`` says why, ``info.provider_note`` reports
+        a fallback to the CPU. ``early_exit`` ("off", "lossless", "confidence[:T]"; None: what the bundle's
+        calibration chose) turns on drafting and verification, or the lossy confidence exit.
 
         Raises:
             ModelLoadError: the file is missing, unreadable, or of a format no backend here runs.
+            SettingsError: ``provider`` given for a GGUF model.
             BundleError, BundleMismatchError: a bad manifest, or files that differ from it.
         """
         start = time.perf_counter()
@@ -107,7 +125,8 @@ class Runtime:
         mmap = mmap and _pick(settings.mmap, True)
         mlock = mlock or bool(settings.mlock)
         backend = _load_backend(resolved.model_path, settings, n_ctx=n_ctx, n_threads=n_threads,
-                                n_threads_batch=n_threads_batch, mmap=mmap, mlock=mlock, verbose=verbose)
+                                n_threads_batch=n_threads_batch, mmap=mmap, mlock=mlock, verbose=verbose,
+                                provider=_pick(provider, settings.provider))
         load_seconds = time.perf_counter() - start
         rss = psutil.Process().memory_info().rss
         try:
@@ -115,9 +134,12 @@ class Runtime:
                                           n_threads_batch=n_threads_batch,
                                           manifest_threads=(settings.n_threads, settings.n_threads_batch))
             template, template_source = _read_template(chat_template, resolved, backend)
+            early = early_exits.attach(backend, early_exit, early_exits.bundle_settings(
+                resolved.manifest.extra if resolved.manifest else None), resolved.bundle_dir)
         except BaseException:
             backend.close()
             raise
+        backend = early.backend
         info = RuntimeInfo(
             model_path=str(resolved.model_path), backend=backend.id,
             model_name=backend.metadata.get("general.name") or resolved.model_path.stem,
@@ -129,10 +151,13 @@ class Runtime:
             load_seconds=load_seconds, rss_after_load_bytes=rss, mmap=mmap,
             mlock=bool(getattr(backend, "mlock_locked", False)), mlock_note=getattr(backend, "mlock_note", None),
             bundle_dir=str(resolved.bundle_dir) if resolved.bundle_dir else None,
-            chat_template_source=template_source)
+            chat_template_source=template_source, provider=getattr(backend, "provider", None),
+            provider_reason=getattr(backend, "provider_reason", None),
+            provider_note=getattr(backend, "provider_note", None), early_exit=str(early.mode),
+            early_exit_note=early.note)
         logger.info("loaded %s in %.2f s (%s, n_ctx %d, threads %d/%d %s)", info.model_path, load_seconds,
                     info.backend, info.n_ctx, info.n_threads, info.n_threads_batch, info.threads_source)
-        return cls(backend, info, template)
+        return cls(backend, info, template, early)
 
     # --- tokens ---
 
@@ -173,7 +198,12 @@ class Runtime:
 
     def _stream(self, prompt: list[int], settings: GenerationSettings, dropped: int = 0) -> Iterator[Chunk]:
         epoch = self._begin()
-        for chunk in run(self.backend, self._cached, prompt, settings):
+        source, counters = plain_tokens, None
+        if self.early_exit is not None and self.early_exit.draft is not None:
+            counters = DraftCounters()
+            source = functools.partial(speculative_tokens, draft=self.early_exit.draft, k=self.early_exit.k,
+                                       counters=counters)
+        for chunk in run(self.backend, self._cached, prompt, settings, source=source, counters=counters):
             if chunk.stats is not None and dropped:
                 chunk = dataclasses.replace(chunk, stats=dataclasses.replace(chunk.stats, dropped_messages=dropped))
             yield chunk
@@ -272,6 +302,8 @@ class Runtime:
         if not self._closed:
             self._closed = True
             self._epoch += 1
+            for close in (self.early_exit.closers if self.early_exit else ()):
+                close()                      # draft contexts share the model: free them first
             self.backend.close()
 
     def __enter__(self) -> "Runtime":
@@ -283,7 +315,7 @@ class Runtime:
 
 def _load_backend(model_path: Path, settings: bundles.RuntimeSettings, *, n_ctx: int | None,
                   n_threads: int | None, n_threads_batch: int | None, mmap: bool, mlock: bool,
-                  verbose: bool) -> Backend:
+                  verbose: bool, provider: str | None = None) -> Backend:
     """Load ``model_path`` with the backend for its format; explicit arguments beat ``settings``."""
     loader = _LOADERS.get(model_path.suffix.lower())
     if loader is None:
@@ -294,10 +326,13 @@ def _load_backend(model_path: Path, settings: bundles.RuntimeSettings, *, n_ctx:
                   n_threads=_pick(n_threads, settings.n_threads, cores[0]),
                   n_threads_batch=_pick(n_threads_batch, n_threads, settings.n_threads_batch, cores[1]),
                   n_batch=settings.n_batch, mmap=mmap, mlock=mlock, kv_type=settings.kv_type or DEFAULT_KV_TYPE,
-                  n_gpu_layers=_pick(settings.n_gpu_layers, -1), verbose=verbose)
+                  n_gpu_layers=_pick(settings.n_gpu_layers, -1), verbose=verbose, provider=provider)
 
 
-def _load_gguf(model_path: Path, *, n_batch: int | None, **options: Any) -> Backend:
+def _load_gguf(model_path: Path, *, n_batch: int | None, provider: str | None = None, **options: Any) -> Backend:
+    if provider is not None:
+        raise SettingsError("provider", provider, "execution providers are for ONNX models; llama.cpp picks its "
+                                                  "GPU backend at build time (GGUF models run with n_gpu_layers)")
     from edgellm.runtime.llamacpp import DEFAULT_N_BATCH, LlamaCppBackend
     return LlamaCppBackend.load(model_path, n_batch=n_batch or DEFAULT_N_BATCH, **options)
 

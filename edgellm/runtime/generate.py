@@ -33,6 +33,12 @@ class GenerationStats:
     decode_tokens_per_s: float      # one-token decode steps (with sampling and detokenizing) per second
     total_seconds: float = 0.0
     dropped_messages: int = 0       # chat messages left out to fit the context (on_overflow="drop_oldest")
+    drafted_tokens: int = 0         # early exit: draft tokens proposed for verification
+    accepted_tokens: int = 0        # early exit: draft tokens the full model agreed with
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else 0.0
 
 
 @dataclass(frozen=True)
@@ -141,32 +147,50 @@ def _rate(count: int, seconds: float) -> float:
     return count / seconds if seconds > 0 and count else 0.0
 
 
+# (backend, cached, logits after cached, sampler, history) -> generated ids, one per pull; the source
+# decodes as it goes, keeps ``cached`` equal to the KV cache and appends each token to ``history``.
+TokenSource = Callable[[Backend, list, np.ndarray, Sampler, list], Iterator[int]]
+
+
+def plain_tokens(backend: Backend, cached: list[int], logits: np.ndarray, sampler: Sampler,
+                 history: list[int]) -> Iterator[int]:
+    """One decode step per token: sample, yield, and decode it only when the next one is asked for."""
+    while True:
+        token = sampler(logits, history)
+        history.append(token)
+        yield token
+        with cache_guard(backend, cached):
+            logits = backend.decode([token], "last")[0]
+        cached.append(token)
+
+
 def run(backend: Backend, cached: list[int], prompt: Sequence[int], settings: GenerationSettings, *,
-        clock: Callable[[], float] = time.perf_counter) -> Iterator[Chunk]:
+        clock: Callable[[], float] = time.perf_counter, source: TokenSource = plain_tokens,
+        counters: object | None = None) -> Iterator[Chunk]:
     """Generate from ``prompt`` (token ids), yielding one Chunk per generated token and a final one.
 
-    ``cached`` lists the tokens in the backend's KV cache and is kept up to date.
+    ``cached`` lists the tokens in the backend's KV cache and is kept up to date. ``source`` makes the
+    tokens (early exit passes a draft-and-verify loop); ``counters`` (with ``drafted``/``accepted``) feed the stats.
     Raises ContextOverflowError when the prompt is longer than the context.
     """
     check_prompt(prompt, backend.n_ctx)
     t_start = clock()
     logits, reused = prefill(backend, cached, prompt)
     t_prefilled = clock()
-    sampler, history = Sampler(settings), list(prompt)
+    tokens = source(backend, cached, logits, Sampler(settings), list(prompt))
     utf8 = codecs.getincrementaldecoder("utf-8")("replace")
     stops = StopMatcher(settings.stop)
     generated: list[int] = []
     ttft = None
-    finish, stopped, steps = FINISH_LENGTH, False, 0
+    finish, stopped, steps = FINISH_LENGTH, False, -1
     paused = 0.0                    # time spent in the consumer between chunks: not ours to count
-    while True:
-        token = sampler(logits, history)
+    for token in tokens:
+        steps += 1                  # tokens after the first each cost (part of) a decode
         ttft = clock() - t_start if ttft is None else ttft
         if backend.is_end(token):
             finish = FINISH_STOP
             break
         generated.append(token)
-        history.append(token)
         text, stopped = stops.push(utf8.decode(backend.token_bytes(token)))
         t_yield = clock()
         yield Chunk(text, token)
@@ -176,17 +200,15 @@ def run(backend: Backend, cached: list[int], prompt: Sequence[int], settings: Ge
             break
         if len(generated) >= settings.max_tokens or backend.n_past >= backend.n_ctx:
             break
-        with cache_guard(backend, cached):
-            logits = backend.decode([token], "last")[0]
-        cached.append(token)
-        steps += 1
+    tokens.close()
     t_end = clock() - paused
     tail, stopped_late = ("", False) if stopped else _drain(utf8, stops)
     finish = FINISH_STOP if stopped_late else finish
     stats = GenerationStats(
         prompt_tokens=len(prompt), generated_tokens=len(generated), reused_prompt_tokens=reused,
         ttft_seconds=ttft or 0.0, prefill_tokens_per_s=_rate(len(prompt) - reused, t_prefilled - t_start),
-        decode_tokens_per_s=_rate(steps, t_end - t_start - (ttft or 0.0)), total_seconds=t_end - t_start)
+        decode_tokens_per_s=_rate(steps, t_end - t_start - (ttft or 0.0)), total_seconds=t_end - t_start,
+        drafted_tokens=getattr(counters, "drafted", 0), accepted_tokens=getattr(counters, "accepted", 0))
     yield Chunk(tail, None, finish, stats)
 
 
