@@ -7,6 +7,7 @@ Manifest keys under ``plan``, ``target``, ``source`` and ``created`` are documen
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -15,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from edgellm import __version__
 from edgellm import bundle as bundles
@@ -73,13 +74,12 @@ def write_model(plan: Plan, out_path: Path) -> dict[str, Any] | None:
     return None
 
 
-def write_pruned_model(plan: Plan, out_path: Path) -> None:
-    """The 16-bit source without the candidate's blocks (``prune.write_pruned``), quantized to its file type;
-    intermediates live next to the output (inside the partial bundle folder) and are removed."""
-    from edgellm.fitting.prune import write_pruned
-
-    cand, source = plan.chosen.candidate, Path(plan.facts.source)
-    scratch = out_path.parent / f".prune-{out_path.stem}"
+@contextlib.contextmanager
+def _f16_source(plan: Plan, out_path: Path, kind: str) -> Iterator[tuple[Path, Path]]:
+    """(the 16-bit GGUF of the plan's source, a scratch folder): a checkpoint is converted to F16 first. Both
+    live next to the output (inside the partial bundle folder) and are removed afterwards."""
+    source = Path(plan.facts.source)
+    scratch = out_path.parent / f".{kind}-{out_path.stem}"
     scratch.mkdir(exist_ok=True)
     try:
         f16 = source
@@ -87,6 +87,17 @@ def write_pruned_model(plan: Plan, out_path: Path) -> None:
             from edgellm.converters import convert
             f16 = scratch / "f16.gguf"
             convert(source, f16, type="f16")
+        yield f16, scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def write_pruned_model(plan: Plan, out_path: Path) -> None:
+    """The 16-bit source without the candidate's blocks (``prune.write_pruned``), quantized to its file type."""
+    from edgellm.fitting.prune import write_pruned
+
+    cand = plan.chosen.candidate
+    with _f16_source(plan, out_path, "prune") as (f16, scratch):
         pruned = scratch / "pruned.gguf"
         write_pruned(f16, pruned, cand.prune)
         if cand.file_type in ("F16", "BF16", "F32"):
@@ -94,8 +105,6 @@ def write_pruned_model(plan: Plan, out_path: Path) -> None:
         else:
             from edgellm.converters.quantize import quantize_gguf
             quantize_gguf(pruned, out_path, cand.file_type)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def file_budget(f16_gguf: Path, weights_budget: int) -> int:
@@ -110,23 +119,13 @@ def file_budget(f16_gguf: Path, weights_budget: int) -> int:
 
 def write_mixed(plan: Plan, out_path: Path) -> dict[str, Any]:
     """Measure the source's sensitivity and write the allocation for the candidate's budget
-    (``converters.sensitivity.quantize_to_budget``); a checkpoint is converted to F16 first, next to the
-    output (inside the partial bundle folder, removed after)."""
+    (``converters.sensitivity.quantize_to_budget``)."""
     from edgellm.converters.sensitivity import quantize_to_budget
 
-    cand, source = plan.chosen.candidate, Path(plan.facts.source)
-    scratch = out_path.parent / f".mixed-{out_path.stem}"
-    scratch.mkdir(exist_ok=True)
-    try:
-        f16 = source
-        if plan.facts.source_format == "hf":
-            from edgellm.converters import convert
-            f16 = scratch / "f16.gguf"
-            convert(source, f16, type="f16")
+    cand = plan.chosen.candidate
+    with _f16_source(plan, out_path, "mixed") as (f16, _scratch):
         budget = file_budget(f16, cand.weights_budget)
         result, allocation = quantize_to_budget(f16, out_path, budget, budget_label=cand.label)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
     return {"weights_budget_bytes": cand.weights_budget, "file_budget_bytes": budget,
             "file_bytes": result.size_bytes, "expected_kld": allocation.expected_loss,
             "types": allocation.type_counts()}
