@@ -142,3 +142,20 @@ def test_measure_quality_replaces_the_priors(tiny_checkpoint):
     assert rows["F16"].quality.kld == 0.0                   # the reference itself
     assert rows["Q8_0"].quality.kld < rows["Q4_0"].quality.kld
     assert result.facts.measured_kld["Q4_0"] == rows["Q4_0"].quality.kld
+
+
+def test_fit_local_can_calibrate_early_exit_into_the_bundle(tiny_checkpoint, tmp_path):
+    plan = fit(tiny_checkpoint("llama"), "local", context=512, file_types=("Q8_0",))
+    bundle = build(plan, tmp_path / "b", early_exit=True)
+    data = json.loads((bundle.path / bundles.MANIFEST_NAME).read_text())
+    assert data["early_exit"]["mode"] in ("lossless", "off") and data["early_exit"]["reason"]
+    assert bundle.manifest.extra["early_exit"] == data["early_exit"]
+    assert any(note.startswith("early exit: ") for note in bundle.notes)
+    bundles.verify_files(bundle.path, bundles.read_manifest(bundle.path), hashes=True)
+
+
+def test_early_exit_calibration_is_refused_for_another_device(tiny_plan, tmp_path):
+    with pytest.raises(UsageError) as info:
+        build(tiny_plan, tmp_path / "b", early_exit=True)
+    assert "exit calibrate" in info.value.hint
+    assert not list(tmp_path.iterdir())

@@ -47,6 +47,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "quality loss is measured first (minutes), never assumed")
     p.add_argument("--measure-quality", action="store_true",
                    help="quantize the candidates that fit and measure their KL divergence (slow)")
+    p.add_argument("--calibrate-early-exit", action="store_true",
+                   help="with --device local: measure early exit here and store heads and the choice in the bundle "
+                        "(elsewhere: `edgellm exit calibrate BUNDLE` on the device)")
     p.add_argument("--dry-run", action="store_true", help="plan only: write nothing")
     p.add_argument("--json", action="store_true", help="print the plan (and bundle) as JSON on stdout")
     p.set_defaults(run=run)
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             output.print_json(result.to_dict())
         return 0
     out = Path(args.out) if args.out else default_out(args.model, args.device)
-    bundle = build(result, out, progress=lambda stage: output.note(f"{stage}..."))
+    bundle = build(result, out, progress=lambda stage: output.note(f"{stage}..."),
+                   early_exit=args.calibrate_early_exit)
     for note in bundle.notes:
         output.note(f"note: {note}")
     if args.json:

@@ -8,6 +8,7 @@ Manifest keys under ``plan``, ``target``, ``source`` and ``created`` are documen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import os
@@ -211,23 +212,31 @@ def _check_destination(out: Path) -> None:
                          hint_text="choose another -o folder, or remove that one first")
 
 
-def build(plan: Plan, out_dir: str | Path, *, progress: Progress | None = None) -> Bundle:
+def build(plan: Plan, out_dir: str | Path, *, progress: Progress | None = None,
+          early_exit: bool = False) -> Bundle:
     """Write the bundle for ``plan`` into ``out_dir`` (created; must not exist or be empty).
 
+    ``early_exit``: also measure early exit on this machine (``edgellm.early_exit.calibrate``: exit heads,
+    draft acceptance, speed) and store the heads and the choice in the bundle; only for GGUF bundles fitted
+    for ``--device local``, since the measurement is only true where it is taken.
     Returns the ``Bundle``. Nothing appears at ``out_dir`` until every file and the manifest are complete.
 
     Raises:
-        UsageError: ``out_dir`` exists and is not empty.
+        UsageError: ``out_dir`` exists and is not empty; ``early_exit`` for another device or an ONNX bundle.
         EdgeLLMError: from the converter or quantizer (CheckpointError, QuantizeError, ConvertOutputError...).
     """
     out = Path(out_dir).expanduser()
     _check_destination(out)
+    if early_exit:
+        _check_early_exit(plan)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f"{PARTIAL_PREFIX}{out.name}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         bundle = _fill(plan, tmp, progress)
+        if early_exit:
+            bundle = _calibrate_early_exit(bundle, tmp, progress)
         if out.exists():
             out.rmdir()                   # empty (checked above)
         os.rename(tmp, out)
@@ -235,6 +244,26 @@ def build(plan: Plan, out_dir: str | Path, *, progress: Progress | None = None) 
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return Bundle(out, bundle.manifest, out / bundle.manifest.model, bundle.weights_bytes, bundle.notes)
+
+
+def _check_early_exit(plan: Plan) -> None:
+    if plan.device_request != "local":
+        raise UsageError(problem=f"early exit is measured on the machine that runs the bundle, not for "
+                                 f"{plan.profile.id}", hint_text="run `edgellm exit calibrate BUNDLE` on the device, "
+                                                                  "or fit with --device local")
+    if onnx_plan.is_onnx(plan.chosen.candidate.file_type):
+        raise UsageError(problem="early exit calibration needs a GGUF bundle (llama.cpp)",
+                         hint_text="fit with --format gguf")
+
+
+def _calibrate_early_exit(bundle: Bundle, folder: Path, progress: Progress | None) -> Bundle:
+    """Measure early exit on the finished (still partial) bundle; heads and settings go into it."""
+    from edgellm.early_exit.calibrate import calibrate
+
+    (progress or (lambda stage: logger.info("%s", stage)))("measuring early exit on this machine")
+    result = calibrate(folder)
+    note = f"early exit: {result.mode} ({result.reason})"
+    return dataclasses.replace(bundle, manifest=bundles.read_manifest(folder), notes=(*bundle.notes, note))
 
 
 def _fill_onnx(plan: Plan, folder: Path, say: Progress) -> Bundle:
