@@ -290,7 +290,8 @@ def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, pr
 
 
 def _check_budget_options(type: str | None, target_size: Any, target_bpw: Any, *fixed: Any) -> None:
-    """A budget chooses every tensor's type: refuse anything else that would choose one too."""
+    """A budget chooses every tensor's type: refuse anything else that would choose one too, and budgets that
+    are not sizes, before anything is written."""
     if target_size is not None and target_bpw is not None:
         raise UsageError(problem="--target-size and --target-bpw both set the budget",
                          hint_text="give one of them")
@@ -300,6 +301,24 @@ def _check_budget_options(type: str | None, target_size: Any, target_bpw: Any, *
     if any(v is not None for v in fixed):
         raise UsageError(problem="--tensor-type, --output-tensor-type and --token-embedding-type fix types that "
                                  "a target size chooses", hint_text="use either a target size or fixed types")
+    if target_bpw is not None and not 0 < float(target_bpw) <= 32:
+        raise UsageError(problem=f"--target-bpw {target_bpw} is not a number of bits per weight",
+                         hint_text="for example 4.5")
+    if target_size is not None:
+        _target_bytes(target_size)
+
+
+def _target_bytes(target_size: int | str) -> int:
+    """``target_size`` in bytes: an int, or a size with its unit ("180 MB", "200MiB")."""
+    from edgellm.units import UnitError, parse_bytes
+
+    try:
+        size = int(target_size) if isinstance(target_size, int) else parse_bytes(str(target_size))
+    except UnitError as exc:
+        raise UsageError(problem=f"--target-size: {exc}", hint_text="for example '180 MB'") from None
+    if size <= 0:
+        raise UsageError(problem=f"--target-size {target_size} is not a size", hint_text="for example '180 MB'")
+    return size
 
 
 def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Progress | None, imatrix: Any,
@@ -307,7 +326,7 @@ def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Prog
                       target_bpw: float | None) -> tuple[int, Counter, int, int]:
     """F16 intermediate, per-tensor sensitivity on calibration text, then the allocation through llama.cpp."""
     from edgellm.converters import sensitivity
-    from edgellm.units import UnitError, format_bytes, parse_bytes
+    from edgellm.units import format_bytes
 
     tmp = out_path.with_name(f".{out_path.name}.intermediate.gguf")   # loaded by llama.cpp: keeps a .gguf suffix
     text = _read_calibration(calibration)
@@ -319,15 +338,9 @@ def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Prog
     try:
         _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
         if target_bpw is not None:
-            if not 0 < float(target_bpw) <= 32:
-                raise UsageError(problem=f"--target-bpw {target_bpw} is not a number of bits per weight",
-                                 hint_text="for example 4.5")
             budget, label = sensitivity.budget_for_bpw(tmp, float(target_bpw)), f"{target_bpw} bits/weight"
         else:
-            try:
-                budget = int(target_size) if isinstance(target_size, int) else parse_bytes(str(target_size))
-            except UnitError as exc:
-                raise UsageError(problem=f"--target-size: {exc}", hint_text="for example '180 MB'") from None
+            budget = _target_bytes(target_size)
             label = format_bytes(budget)
         result, allocation = sensitivity.quantize_to_budget(
             tmp, out_path, budget, imatrix="auto" if imatrix is None else imatrix, calibration_text=text,
@@ -338,7 +351,11 @@ def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Prog
     model.notes.append(f"types chosen for {label} ({format_bytes(result.size_bytes)} written): {counts}; "
                        f"expected KLD {allocation.expected_loss:.4f} (recorded under {sensitivity.alloc.METADATA_KEY})")
     source = f"calibration text {calibration}" if calibration else "edgellm's bundled calibration text"
-    model.notes.append(f"importance matrix and sensitivity measured on {result.imatrix_tokens} tokens of {source}")
+    if imatrix is not None and str(imatrix) != "auto":
+        model.notes.append(f"importance matrix from {imatrix}; sensitivity measured on {source}")
+    else:
+        model.notes.append(f"importance matrix and sensitivity measured on {result.imatrix_tokens} tokens of "
+                           f"{source}")
     model.imatrix_tokens = result.imatrix_tokens
     return _summarize(out_path, sensitivity.read_gguf_header(out_path))
 

@@ -366,3 +366,19 @@ def test_stock_q4_k_m_size_gets_at_most_a_quarter_of_its_kld(gemma_permuted_chec
     assert kld["budget"] <= 0.25 * kld["stock"], kld
     assert kld["stock"] > 0.03, kld            # the permuted checkpoint makes stock Q4_K_M pay (about 0.08)
     assert allocation.expected_loss < kld["stock"]
+
+
+@pytest.mark.parametrize("options, words", [
+    (dict(target_size="180"), "not a quantity"),
+    (dict(target_size="0 MB"), "is not a size"),
+    (dict(target_bpw=-1.0), "not a number of bits per weight"),
+    (dict(target_size="1 MB", target_bpw=4.0), "both set the budget"),
+])
+def test_bad_budgets_are_refused_before_anything_is_written(tiny_checkpoint, tmp_path, options, words):
+    from edgellm.converters import convert
+    from edgellm.errors import UsageError
+
+    with pytest.raises(UsageError) as info:
+        convert(tiny_checkpoint("llama"), tmp_path / "x.gguf", **options)
+    assert words in str(info.value)
+    assert not list(tmp_path.iterdir())
