@@ -21,7 +21,10 @@ from test_fit_plan import GEMMA
 
 TABLES = builtin_tables()
 NPU = "intel-core-ultra-npu-16gb"          # the built-in profile whose first backend is ONNX Runtime's
-BASELINE_NOISE = 8 * 2**20                 # as test_fit_accuracy: page-cache-dependent process baseline
+# The process baseline depends on the page cache: fault-around maps whatever of ONNX Runtime's 20+ MB library is
+# already cached. The same tiny-model process measured 49.3 MB of file-backed RSS alone and 66.7 MB in the middle
+# of a full test run. On a ~100 MB tiny process that swamps any percentage, so the allowance is absolute.
+BASELINE_NOISE = 20 * 2**20
 
 
 @pytest.mark.parametrize("variant", ["llama", "gemma3_text"])
