@@ -8,13 +8,14 @@ F32, F16, BF16 and Q8_0 are written directly; other llama.cpp types go through a
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import gguf
 
@@ -26,7 +27,7 @@ from edgellm.converters.plan import OUTPUT_TYPES, OutputType, TensorPlan, plan_t
 from edgellm.converters.quant_types import file_type
 from edgellm.converters.spec import ModelSpec, hparams
 from edgellm.converters.tokenizer import TokenizerFiles
-from edgellm.converters.writer import Progress, partial_path, tensor_chunks, write_gguf, write_skeleton_gguf
+from edgellm.converters.writer import Progress, tensor_chunks, write_gguf, write_skeleton_gguf
 from edgellm.errors import CheckpointError, ConvertTypeError, UsageError
 
 if TYPE_CHECKING:
@@ -272,21 +273,35 @@ def _convert_quantized(model: _Model, out_path: Path, kind: str, quiet: bool, pr
                        options: dict[str, Any], calibration: str | Path | None) -> tuple[int, Counter, int, int]:
     """F16 (or F32) intermediate next to the output, then llama.cpp's quantizer; the intermediate is removed."""
     quantize = _quantize_module()
-    tmp = partial_path(out_path.with_name(f".{out_path.name}.intermediate"))
-    try:
-        try:
-            _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
-        except ConvertTypeError:
-            model.notes.append("weights exceed the f16 range: quantized from an f32 intermediate")
-            _write(model, tmp, OUTPUT_TYPES["F32"], quiet, None)
+    with _intermediate(model, out_path, quiet, f32_fallback=True) as tmp:
         if str(options.get("imatrix")) == "auto":
             options = {**options, "imatrix": _auto_imatrix(tmp, calibration, model.notes)}
         result = quantize.quantize_gguf(tmp, out_path, kind, progress=progress, **options)
         model.notes += _fallback_notes(getattr(result, "fallbacks", []))
         model.imatrix_tokens = result.imatrix_tokens
+    return _summarize(out_path, quantize.read_gguf_header(out_path))
+
+
+@contextlib.contextmanager
+def _intermediate(model: _Model, out_path: Path, quiet: bool, *, f32_fallback: bool) -> Iterator[Path]:
+    """The F16 GGUF a quantized output is made from, hidden next to ``out_path`` and removed afterwards.
+
+    The name keeps a ``.gguf`` suffix: the runtime loads it to measure importance and sensitivity. With
+    ``f32_fallback`` weights beyond the f16 range give an F32 intermediate (noted) instead of an error; the
+    budgeted path has no fallback, since F16 is one of the types its allocation may choose.
+    """
+    tmp = out_path.with_name(f".{out_path.name}.intermediate.gguf")
+    try:
+        try:
+            _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
+        except ConvertTypeError:
+            if not f32_fallback:
+                raise
+            model.notes.append("weights exceed the f16 range: quantized from an f32 intermediate")
+            _write(model, tmp, OUTPUT_TYPES["F32"], quiet, None)
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
-    return _summarize(out_path, quantize.read_gguf_header(out_path))
 
 
 def _check_budget_options(type: str | None, target_size: Any, target_bpw: Any, *fixed: Any) -> None:
@@ -328,15 +343,13 @@ def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Prog
     from edgellm.converters import sensitivity
     from edgellm.units import format_bytes
 
-    tmp = out_path.with_name(f".{out_path.name}.intermediate.gguf")   # loaded by llama.cpp: keeps a .gguf suffix
     text = _read_calibration(calibration)
 
     def relay(stage: str, done: int, total: int) -> None:
         if progress is not None:
             progress(done, total, stage)
 
-    try:
-        _write(model, tmp, OUTPUT_TYPES["F16"], quiet, None)
+    with _intermediate(model, out_path, quiet, f32_fallback=False) as tmp:
         if target_bpw is not None:
             budget, label = sensitivity.budget_for_bpw(tmp, float(target_bpw)), f"{target_bpw} bits/weight"
         else:
@@ -345,8 +358,6 @@ def _convert_budgeted(model: _Model, out_path: Path, quiet: bool, progress: Prog
         result, allocation = sensitivity.quantize_to_budget(
             tmp, out_path, budget, imatrix="auto" if imatrix is None else imatrix, calibration_text=text,
             budget_label=label, progress=relay)
-    finally:
-        tmp.unlink(missing_ok=True)
     counts = ", ".join(f"{n} {t}" for t, n in allocation.type_counts().items())
     model.notes.append(f"types chosen for {label} ({format_bytes(result.size_bytes)} written): {counts}; "
                        f"expected KLD {allocation.expected_loss:.4f} (recorded under {sensitivity.alloc.METADATA_KEY})")
