@@ -246,6 +246,11 @@ def build(plan: Plan, out_dir: str | Path, *, progress: Progress | None = None,
     return Bundle(out, bundle.manifest, out / bundle.manifest.model, bundle.weights_bytes, bundle.notes)
 
 
+def _sayer(progress: Progress | None) -> Progress:
+    """Where build stages are announced: the caller's ``progress``, else the log."""
+    return progress or (lambda stage: logger.info("%s", stage))
+
+
 def _check_early_exit(plan: Plan) -> None:
     if plan.device_request != "local":
         raise UsageError(problem=f"early exit is measured on the machine that runs the bundle, not for "
@@ -260,7 +265,7 @@ def _calibrate_early_exit(bundle: Bundle, folder: Path, progress: Progress | Non
     """Measure early exit on the finished (still partial) bundle; heads and settings go into it."""
     from edgellm.early_exit.calibrate import calibrate
 
-    (progress or (lambda stage: logger.info("%s", stage)))("measuring early exit on this machine")
+    _sayer(progress)("measuring early exit on this machine")
     result = calibrate(folder)
     note = f"early exit: {result.mode} ({result.reason})"
     return dataclasses.replace(bundle, manifest=bundles.read_manifest(folder), notes=(*bundle.notes, note))
@@ -294,7 +299,7 @@ def _fill_onnx(plan: Plan, folder: Path, say: Progress) -> Bundle:
 
 
 def _fill(plan: Plan, folder: Path, progress: Progress | None) -> Bundle:
-    say = progress or (lambda stage: logger.info("%s", stage))
+    say = _sayer(progress)
     if onnx_plan.is_onnx(plan.chosen.candidate.file_type):
         return _fill_onnx(plan, folder, say)
     name = model_file_name(plan)
