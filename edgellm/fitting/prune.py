@@ -98,13 +98,15 @@ def write_pruned(src: str | Path, dst: str | Path, drop: Sequence[int]) -> None:
     """Write the float GGUF ``src`` without the blocks ``drop`` to ``dst`` (atomically)."""
     import gguf
 
+    from edgellm.converters.writer import GGUFWriter   # packs the vocabulary arrays in one call each
+
     reader = gguf.GGUFReader(src)
     arch = str(reader.fields["general.architecture"].contents())
     n_layers = int(reader.fields[f"{arch}.block_count"].contents())
     keep = _keep(n_layers, drop)
     dst = Path(dst)
     tmp = dst.with_name(dst.name + ".partial")
-    writer = gguf.GGUFWriter(tmp, arch)
+    writer = GGUFWriter(tmp, arch)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name in ("general.architecture", "general.alignment"):
             continue
