@@ -218,10 +218,15 @@ def _tokens(path, mode, prompts=PROMPTS, max_tokens=24):
 def test_tiny_greedy_equals_plain_with_every_draft(variant, tiny_ggufs, tmp_path):
     gguf = tiny_ggufs[variant]
     plain, _, _ = _tokens(gguf, "off")
-    # no head: prompt lookup, and the note says why
+    # no head: the shared draft over a head ranked on edgellm's calibration text
     bare = make_bundle(gguf, tmp_path / "bare", {"mode": "lossless"})
     tokens, outs, info = _tokens(bare, None)
-    assert tokens == plain and info.early_exit == "lossless" and "no exit head" in info.early_exit_note
+    assert tokens == plain and info.early_exit == "lossless" and "shared draft" in info.early_exit_note
+    assert sum(o.stats.accepted_tokens for o in outs) > 0
+    # the calibration's choice of prompt lookup is followed, and the note says so
+    lookup = make_bundle(gguf, tmp_path / "lookup", {"mode": "lossless", "draft": "prompt-lookup"})
+    tokens, outs, info = _tokens(lookup, None)
+    assert tokens == plain and "the calibration chose it" in info.early_exit_note
     # a full-depth reduced head and a head fitted after block 1, both self-drafting through a second context
     with Runtime.load(gguf, n_ctx=256, n_threads=THREADS) as rt:
         backend = rt.backend
@@ -231,11 +236,60 @@ def test_tiny_greedy_equals_plain_with_every_draft(variant, tiny_ggufs, tmp_path
         heads = [fit_head(backend, gguf, text, ranked, e, 96, n_layers) for e in (n_layers, 1)]
     assert heads[0].full_depth and heads[1].w is not None
     for i, head in enumerate(heads):
-        folder = make_bundle(gguf, tmp_path / f"head{i}", {"mode": "lossless", "head": HEAD_FILE, "k": 3}, head)
+        section = {"mode": "lossless", "head": HEAD_FILE, "k": 3, "draft": "self"}
+        folder = make_bundle(gguf, tmp_path / f"head{i}", section, head)
         tokens, outs, info = _tokens(folder, None)
         assert tokens == plain, info.early_exit_note
         assert "self-draft" in info.early_exit_note
         assert sum(o.stats.drafted_tokens for o in outs) > 0
+    # the bundle's full-depth head drives the shared draft unless the calibration chose otherwise
+    folder = make_bundle(gguf, tmp_path / "shared", {"mode": "lossless", "head": HEAD_FILE, "k": 5}, heads[0])
+    tokens, outs, info = _tokens(folder, None)
+    assert tokens == plain and "shared draft" in info.early_exit_note and "the bundle's" in info.early_exit_note
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma3_text"])
+def test_shared_draft_verifies_with_the_logits_llama_cpp_computes(variant, tiny_ggufs):
+    """The verifier's logits for the states drafting captured equal llama_decode's, bit for bit, one row at a
+    time or several at once: the KV entries written while drafting are the ones a plain decode writes."""
+    from edgellm.early_exit.attach import default_head
+    from edgellm.early_exit.shared import SharedDraft
+
+    with Runtime.load(tiny_ggufs[variant], n_ctx=128, n_threads=THREADS) as rt:
+        b = rt.backend
+        prompt, steps = b.tokenize("one two three four"), [7, 19, 3, 42, 11, 5]
+        b.decode(prompt[:-1])
+        want = [b.decode([t])[0] for t in [prompt[-1]] + steps]     # one token at a time, as drafting decodes
+        b.truncate(0)
+        draft = SharedDraft(b, default_head(b, 64))
+        assert draft.full.n_rows == b.n_vocab and draft.reduced.n_rows == 64
+        b.decode(prompt[:-1])
+        states = [draft.step(t)[0] for t in [prompt[-1]] + steps]
+        assert b.n_past == len(prompt) + len(steps)
+        single = np.concatenate([draft.verify_logits(h) for h in states])
+        assert np.array_equal(single, np.array(want))
+        # several rows at once: the same numbers where ggml's kernels agree (quantized heads); float heads round
+        # a few ulps differently, and the draft knows it (near ties are then recomputed one row at a time)
+        batch = draft.verify_logits(np.concatenate(states))
+        assert draft.batch_exact == np.array_equal(batch, single)
+        np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
+        # the reduced head's rows score exactly as the full head's rows do
+        ids = draft.reduced.vocab_ids
+        assert np.array_equal(draft.reduced.logits(states[0])[0], single[0, ids])
+
+
+def test_shared_draft_sampling_and_context_end(tiny_ggufs):
+    with Runtime.load(tiny_ggufs["gemma3_text"], n_ctx=40, n_threads=THREADS, early_exit="lossless") as rt:
+        assert "shared draft" in rt.info.early_exit_note
+        sampled = rt.generate("one two three", max_tokens=12, temperature=0.8, seed=3)
+        assert len(sampled.tokens) == 12 and sampled.stats.drafted_tokens > 0
+        again = rt.generate("one two three", max_tokens=12, temperature=0.8, seed=3)
+        assert again.tokens == sampled.tokens                  # seeded: reproducible
+        n_ctx = rt.backend.n_ctx                               # llama.cpp rounds small contexts up
+        long = rt.generate("one two three", max_tokens=n_ctx + 50)
+        assert long.finish_reason == "length" and len(rt.tokenize("one two three")) + len(long.tokens) <= n_ctx + 1
+    with Runtime.load(tiny_ggufs["gemma3_text"], n_ctx=40, n_threads=THREADS, early_exit="off") as rt:
+        assert rt.generate("one two three", max_tokens=n_ctx + 50).tokens == long.tokens
 
 
 def test_truncating_rejected_drafts_matches_recomputation(tiny_ggufs):
@@ -325,7 +379,7 @@ def test_gemma_lossless_greedy_matches_plain(gemma_gguf, tmp_path):
                             [rt.backend.special.eos, rt.backend.special.eot])
         plain = [rt.generate(p, max_tokens=20).tokens for p in prompts]
         gaps = [_greedy_gaps(rt, p, toks) for p, toks in zip(prompts, plain)]
-    folder = make_bundle(gemma_gguf, tmp_path / "g", {"mode": "lossless", "head": HEAD_FILE, "k": 3},
+    folder = make_bundle(gemma_gguf, tmp_path / "g", {"mode": "lossless", "head": HEAD_FILE, "k": 3, "draft": "self"},
                          reduced_head(gemma_gguf, ranked, 4096))
     tokens, outs, info = _tokens(folder, None, prompts, max_tokens=20)
     assert sum(o.stats.accepted_tokens for o in outs) > 0
@@ -333,6 +387,27 @@ def test_gemma_lossless_greedy_matches_plain(gemma_gguf, tmp_path):
         first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
         # identical, or the first difference sits on a near tie that kernel numerics can flip
         assert first is None or gap[first] < TIE, (got, want, gap)
+
+
+GEMMA_PROMPTS = ("The capital of France is", "def add(a, b):\n    return", "List three colours: red,",
+                 "Water boils at a temperature of", "Once upon a time", "import numpy as np\n",
+                 "The three laws of motion are", "Translate to French: good morning", "SELECT name FROM",
+                 "A haiku about the sea:", "1, 1, 2, 3, 5, 8,", "Dear hiring manager,")
+
+
+@pytest.mark.gemma
+@pytest.mark.parametrize("k", [4, 8])
+def test_gemma_shared_draft_greedy_is_identical_to_plain(gemma_gguf, k):
+    """The shared draft decodes every token one at a time, as plain decoding does, and verifies with the
+    model's own output head: its greedy output is plain greedy output, token for token."""
+    with Runtime.load(gemma_gguf, n_ctx=512, n_threads=2) as rt:
+        plain = [rt.generate(p, max_tokens=40).tokens for p in GEMMA_PROMPTS]
+    with Runtime.load(gemma_gguf, n_ctx=512, n_threads=2, early_exit="lossless") as rt:
+        assert "shared draft" in rt.info.early_exit_note
+        rt.early_exit.k = k
+        outs = [rt.generate(p, max_tokens=40) for p in GEMMA_PROMPTS]
+    assert [o.tokens for o in outs] == plain
+    assert sum(o.stats.accepted_tokens for o in outs) > 0.5 * sum(o.stats.drafted_tokens for o in outs)
 
 
 def _greedy_gaps(rt, prompt, tokens):

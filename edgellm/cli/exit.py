@@ -21,8 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="blocks to run before exiting (default: all of them, i.e. a reduced head only)")
     c.add_argument("--vocab-sizes", type=int, nargs="+", default=[4096, 16384], metavar="V",
                    help="reduced-head sizes to try (default 4096 16384)")
-    c.add_argument("-k", "--draft-tokens", type=int, nargs="+", default=[1, 2, 4], metavar="K",
-                   help="draft lengths to try (default 1 2 4)")
+    c.add_argument("-k", "--draft-tokens", type=int, nargs="+", default=[2, 4, 8], metavar="K",
+                   help="draft lengths to try (default 2 4 8)")
     c.add_argument("-n", "--gen-tokens", type=int, default=48, metavar="N", help="tokens per timed generation")
     c.add_argument("--threads", type=int, metavar="N", help="threads (default: the bundle's)")
     c.add_argument("--dry-run", action="store_true", help="measure only; leave the bundle unchanged")

@@ -5,20 +5,23 @@ The choice is recorded, with the reason for any fallback, in ``Setup.note`` (the
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from edgellm.early_exit.draft import Draft, PromptLookup, SelfDraft
-from edgellm.early_exit.heads import ExitHead, load_head
+from edgellm.early_exit.heads import ExitHead, load_head, rank_vocab, reduced_head
 from edgellm.early_exit.modes import EarlyExitMode, parse_mode
-from edgellm.early_exit.speculative import DEFAULT_K
+from edgellm.early_exit.speculative import DEFAULT_K, DraftCounters, speculative_tokens
 from edgellm.errors import SettingsError
+from edgellm.runtime.generate import TokenSource
 
 logger = logging.getLogger(__name__)
 
 MANIFEST_KEY = "early_exit"
+DEFAULT_VOCAB = 16384           # rows of the reduced head when the bundle has none (97% top-1 on Gemma 3 270M)
 
 
 @dataclass
@@ -29,6 +32,18 @@ class Setup:
     k: int = DEFAULT_K
     note: str | None = None             # why a fallback was taken, or where the settings came from
     closers: list = field(default_factory=list)
+
+    def token_source(self, counters: DraftCounters) -> TokenSource:
+        """The draft-and-verify loop for ``edgellm.runtime.generate.run`` (lossless mode only)."""
+        return token_source(self.draft, self.k, counters)
+
+
+def token_source(draft: Draft, k: int, counters: DraftCounters) -> TokenSource:
+    """``shared_tokens`` for the shared draft (it verifies without decoding), else ``speculative_tokens``."""
+    from edgellm.early_exit.shared import SharedDraft, shared_tokens
+
+    loop = shared_tokens if isinstance(draft, SharedDraft) else speculative_tokens
+    return functools.partial(loop, draft=draft, k=k, counters=counters)
 
 
 # keys of the manifest's early_exit section (docs/bundle.md); written by calibrate.py
@@ -84,13 +99,47 @@ def attach(backend: Any, requested: str | None, settings: Mapping[str, Any], bun
         threshold = mode.threshold if requested is not None else float(settings.get("threshold", mode.threshold))
         wrapped = ConfidenceBackend(backend, head, threshold)
         return Setup(parse_mode(f"confidence:{threshold:g}"), wrapped, note=f"{head.vocab_size}-token head")
-    if head is not None and llama and settings.get("draft", "self") == "self":
-        draft: Draft = SelfDraft(backend, head, min_margin=float(settings.get("min_margin", 0.0)))
-        note = f"self-draft: exit after layer {head.exit_layer}/{head.n_layers}, {head.vocab_size}-token head, k={k}"
-    else:
-        draft = PromptLookup()
-        why = ("the calibration chose it" if settings.get("draft") == "prompt-lookup" else
-               "no exit head in the bundle" if head is None else "self-drafting needs the llama.cpp backend")
-        note = f"{why}: drafting with prompt lookup (n-grams from the context), k={k}"
+    draft, note = _lossless_draft(backend, head, settings, k)
     logger.info("early exit lossless: %s", note)
     return Setup(mode, backend, draft, k, note, closers=[draft.close])
+
+
+def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, Any], k: int) -> tuple[Draft, str]:
+    """The draft source for lossless mode and a note saying which and why.
+
+    On the llama.cpp CPU backend the shared draft is the default (the bundle's full-depth head, else one ranked on
+    edgellm's calibration text); a calibration that chose another source is followed.
+    """
+    chosen = settings.get("draft")
+    llama = is_llama_cpp(backend)
+    problem = None
+    if llama and chosen in (None, "shared") and (head is None or head.full_depth):
+        from edgellm.early_exit.shared import SharedDraft
+
+        ranked = head if head is not None else default_head(backend)
+        try:
+            shared = SharedDraft(backend, ranked)
+        except ValueError as exc:
+            problem = str(exc)
+        else:
+            where = "the bundle's" if head is not None else "edgellm's calibration text's"
+            return shared, (f"shared draft: full depth, {ranked.vocab_size}-token head ({where} ranking), "
+                            f"k={k}, one KV cache, verification by the model's own output head")
+    if head is not None and llama and chosen in (None, "self", "shared"):
+        return (SelfDraft(backend, head, min_margin=float(settings.get("min_margin", 0.0))),
+                f"self-draft: exit after layer {head.exit_layer}/{head.n_layers}, {head.vocab_size}-token head, k={k}"
+                + (f" (the shared draft is unavailable: {problem})" if problem else ""))
+    why = ("the calibration chose it" if chosen == "prompt-lookup" else
+           f"the shared draft is unavailable: {problem}" if problem else
+           "self-drafting needs the llama.cpp backend" if not llama else "no exit head in the bundle")
+    return PromptLookup(), f"{why}: drafting with prompt lookup (n-grams from the context), k={k}"
+
+
+def default_head(backend: Any, vocab_size: int = DEFAULT_VOCAB) -> ExitHead:
+    """A full-depth reduced head over the ``vocab_size`` tokens most frequent in edgellm's calibration text
+    (end-of-generation tokens first), for lossless mode on a model nobody calibrated."""
+    from edgellm.converters.imatrix import default_calibration_text
+
+    ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
+    ranked = rank_vocab(backend.tokenize(default_calibration_text(), add_special=False), backend.n_vocab, ends)
+    return reduced_head(backend.path, ranked, min(vocab_size, backend.n_vocab))

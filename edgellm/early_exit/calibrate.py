@@ -10,7 +10,6 @@ manifest's ``early_exit`` section.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,12 +18,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgellm.early_exit.attach import is_llama_cpp
+from edgellm.early_exit.attach import is_llama_cpp, token_source
 from edgellm.early_exit.capture import capture
 from edgellm.early_exit.draft import Draft, PromptLookup, SelfDraft
 from edgellm.early_exit.heads import (ExitHead, fit_affine, rank_vocab, read_output_weights, reduced_head,
                                       save_head)
-from edgellm.early_exit.speculative import DraftCounters, speculative_tokens
+from edgellm.early_exit.speculative import DraftCounters
 from edgellm.early_exit.tap import layer_output_name
 from edgellm.runtime.generate import collect, plain_tokens, run
 from edgellm.runtime.sampling import GenerationSettings
@@ -81,8 +80,7 @@ def decode_speed(backend, prompts: Sequence[str], max_tokens: int, draft: Draft 
     counters, seconds, n, outputs = DraftCounters(), 0.0, 0, []
     for prompt in prompts:
         backend.truncate(0)
-        source = (plain_tokens if draft is None
-                  else functools.partial(speculative_tokens, draft=draft, k=k, counters=counters))
+        source = plain_tokens if draft is None else token_source(draft, k, counters)
         done = collect(run(backend, [], backend.tokenize(prompt), settings, source=source))
         seconds += done.stats.total_seconds - done.stats.ttft_seconds
         n += max(done.stats.generated_tokens - 1, 0)
@@ -112,7 +110,7 @@ def verify_cost(backend, k: int, repeats: int = 5) -> float:
 class Calibration:
     mode: str                            # what the bundle gets by default: "lossless" or "off"
     reason: str
-    draft: str | None = None             # "self" or "prompt-lookup"
+    draft: str | None = None             # "shared", "self" or "prompt-lookup"
     exit_layer: int | None = None
     vocab_size: int | None = None
     k: int | None = None
@@ -149,7 +147,7 @@ def choose(measurements: list[dict[str, Any]], plain_tok_s: float, min_speedup: 
 
 
 def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: Sequence[int] | None = None,
-              vocab_sizes: Sequence[int] = (4096, 16384), ks: Sequence[int] = (1, 2, 4), max_tokens: int = 48,
+              vocab_sizes: Sequence[int] = (4096, 16384), ks: Sequence[int] = (2, 4, 8), max_tokens: int = 48,
               min_speedup: float = MIN_SPEEDUP, n_threads: int | None = None, write: bool = True) -> Calibration:
     """Measure early exit for the GGUF bundle at ``bundle_dir`` and store heads and settings in it.
 
@@ -183,6 +181,7 @@ def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: S
         plain_tok_s, _, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens)
         measurements += _speed_grid(backend, heads, rates, ks, max_tokens)
         measurements += [{"mode": "verify cost", "k": k, "steps": verify_cost(backend, k)} for k in ks]
+        measurements += _shared_grid(backend, heads, ks, max_tokens)      # last: it installs an eval callback
         result = choose(measurements, plain_tok_s, min_speedup)
         logger.info("early exit calibration: %s (%s)", result.mode, result.reason)
         keep = _head_to_keep(heads, rates, result)
@@ -212,9 +211,28 @@ def _speed_grid(backend, heads: list[ExitHead], rates: list[float], ks: Sequence
     return rows
 
 
+def _shared_grid(backend, heads: list[ExitHead], ks: Sequence[int], max_tokens: int) -> list[dict]:
+    """Decode speed of the shared draft for every full-depth head and k (none where it is unavailable)."""
+    from edgellm.early_exit.shared import SharedDraft
+
+    rows = []
+    for head in (h for h in heads if h.full_depth):
+        try:
+            draft = SharedDraft(backend, head)
+        except ValueError as exc:
+            logger.info("shared draft not measured: %s", exc)
+            return rows
+        for k in ks:
+            tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
+            rows.append({"mode": "lossless", "draft": "shared", "exit_layer": head.exit_layer,
+                         "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
+        draft.close()
+    return rows
+
+
 def _head_to_keep(heads: list[ExitHead], rates: list[float], result: Calibration) -> ExitHead | None:
     """The chosen head; when lossless stays off, the best full-depth one (confidence mode can use it)."""
-    if result.mode == "lossless" and result.draft == "self":
+    if result.mode == "lossless" and result.draft in ("self", "shared"):
         return next(h for h in heads if h.exit_layer == result.exit_layer and h.vocab_size == result.vocab_size)
     full = [(r, h) for h, r in zip(heads, rates) if h.full_depth]
     return max(full, key=lambda rh: rh[0])[1] if full else None

@@ -64,7 +64,7 @@ def accept_or_resample(p: np.ndarray, q: np.ndarray, token: int, rng: np.random.
     return False, int(rng.choice(p.size, p=residual))
 
 
-def _choose(row: np.ndarray, history: list[int], sampler: Sampler, proposed: int | None) -> tuple[bool, int]:
+def choose(row: np.ndarray, history: list[int], sampler: Sampler, proposed: int | None) -> tuple[bool, int]:
     """(whether ``proposed`` stands, the token to keep) at one verified position."""
     if sampler.settings.greedy:
         token = sampler(row, history)
@@ -100,7 +100,7 @@ def speculative_tokens(backend: Backend, cached: list[int], logits: np.ndarray, 
         counters.drafted += len(proposal)
         token = None
         for i, proposed in enumerate(proposal + [None]):
-            ok, token = _choose(rows[i], history, sampler, proposed)
+            ok, token = choose(rows[i], history, sampler, proposed)
             if not ok:
                 break
             counters.accepted += 1

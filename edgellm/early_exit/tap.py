@@ -17,11 +17,11 @@ import llama_cpp
 import numpy as np
 
 from edgellm.converters.imatrix import _Ggml, _GgmlTensor
-from edgellm.errors import ModelLoadError
-from edgellm.runtime.llamacpp import (FLOAT_KV_TYPES, KV_TYPES, MAX_OUTPUTS_PER_CALL, LlamaCppBackend)
+from edgellm.runtime.llamacpp import KV_TYPES, LlamaCppBackend, context_params, new_context
 
 NAME_OFFSET = _GgmlTensor.name.offset      # bytes into struct ggml_tensor where the name starts
 FINAL_NAME = "result_norm"                 # the normed final hidden state, input of the output head
+OUTPUT_NAME = b"result_output"             # the logits: the output head's product
 
 
 def layer_output_name(exit_layer: int, n_layers: int) -> str:
@@ -31,14 +31,18 @@ def layer_output_name(exit_layer: int, n_layers: int) -> str:
 
 # handler(name, (n_rows, n_embd) float32 copy) -> True to let llama.cpp compute the rest of the graph
 Handler = Callable[[str, np.ndarray], bool]
+# on_output(address of the result_output node, valid during the call only)
+OutputWatcher = Callable[[int], None]
 
 
 class Tap:
-    """The eval callback. ``handler`` sees each wanted tensor; ``new_call`` resets per-decode state."""
+    """The eval callback. ``handler`` sees each wanted tensor; ``on_output``, if given, sees the logits node
+    of each graph before it is computed (to find the output weight)."""
 
-    def __init__(self, names: list[str], handler: Handler) -> None:
+    def __init__(self, names: list[str], handler: Handler, on_output: OutputWatcher | None = None) -> None:
         self.wanted = {n.encode(): n for n in names}
         self.handler = handler
+        self.on_output = on_output
         self.error: BaseException | None = None
         self._ggml = _Ggml.load()
         self.c_callback = llama_cpp.ggml_backend_sched_eval_callback(self)   # kept alive with the tap
@@ -50,6 +54,8 @@ class Tap:
         try:
             name = ctypes.string_at(address + NAME_OFFSET)
             if ask:
+                if name == OUTPUT_NAME and self.on_output is not None:
+                    self.on_output(address)
                 return name in self.wanted
             t = _GgmlTensor.from_address(address)
             rows = np.array(self._ggml.activations(t, address), np.float32).reshape(-1, t.ne[0])
@@ -70,25 +76,13 @@ def sibling(backend: LlamaCppBackend, tap: Tap, *, n_ctx: int | None = None, kv_
 
     The model stays owned by ``backend``: close the sibling first. Raises ModelLoadError.
     """
-    params = llama_cpp.llama_context_default_params()
-    params.n_ctx = n_ctx or backend.n_ctx
-    params.n_batch = params.n_ubatch = backend.n_batch
-    params.n_seq_max = 1
-    params.n_outputs_max = MAX_OUTPUTS_PER_CALL
     n_threads, n_threads_batch = backend.threads
-    params.n_threads, params.n_threads_batch = n_threads, n_threads_batch
-    params.type_k = params.type_v = KV_TYPES[kv_type]
-    params.flash_attn_type = (llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED if KV_TYPES[kv_type] in FLOAT_KV_TYPES
-                              else llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED)   # as the main context does
-    params.swa_full = False
-    params.no_perf = True
+    params = context_params(n_ctx=n_ctx or backend.n_ctx, n_batch=backend.n_batch, n_threads=n_threads,
+                            n_threads_batch=n_threads_batch, kv_type=KV_TYPES[kv_type])
     params.cb_eval, params.cb_eval_user_data = tap.c_callback, None
-    ctx = llama_cpp.llama_init_from_model(backend._model, params)
-    if not ctx:
-        raise ModelLoadError(str(backend.path), "could not create a second context for early exit")
-    stack = contextlib.ExitStack()
-    stack.callback(llama_cpp.llama_free, ctx)
+    ctx = new_context(backend.path, backend._model, params)
     n_gpu_layers = 0 if backend.id == "llama.cpp-cpu" else -1
-    ctx_backend = LlamaCppBackend(backend.path, backend._model, ctx, backend.n_batch, n_gpu_layers, stack)
+    ctx_backend = LlamaCppBackend(backend.path, backend._model, ctx, backend.n_batch, n_gpu_layers,
+                                  contextlib.ExitStack(), params)
     ctx_backend.tap = tap            # the C callback must outlive the context
     return ctx_backend

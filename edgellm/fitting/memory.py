@@ -36,7 +36,7 @@ KV_TYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16", "q8_0": "Q8_0", "q5_1": 
 FFN_ROWS = 4                 # n_ff-wide f32 rows live per ubatch token at a layer's peak (gate, up, act, product)
 EMBD_ROWS = 2                # n_embd-wide rows alongside (residual and normed input)
 QUERY_ROWS = 4               # q-wide rows alongside the scores without flash attention (Q, KQV, merged, out)
-# The runtime turns flash attention on only for quantized caches (runtime/llamacpp.py _new_context).
+# The runtime turns flash attention on only for quantized caches (runtime/llamacpp.py context_params).
 FLOAT_KV = frozenset({"f32", "f16", "bf16"})
 
 # --- runtime terms measured here (2-core x86_64, Python 3.12, llama-cpp-python 0.3.36; fit_accuracy.py)
@@ -85,7 +85,7 @@ class Settings:
     kv_type: str = "f16"
     n_outputs: int = 1            # logits rows per decode call while generating
     n_outputs_max: int = 32       # rows the runtime reserves (edgellm.runtime.llamacpp.MAX_OUTPUTS_PER_CALL)
-    swa_full: bool = False        # the runtime keeps window-sized SWA caches (runtime/llamacpp.py _new_context)
+    swa_full: bool = False        # the runtime keeps window-sized SWA caches (runtime/llamacpp.py context_params)
     flash_attn: bool | None = None   # None: what the runtime does (on only for a quantized cache)
 
     @property

@@ -8,7 +8,6 @@ One call at a time: a server must serialise requests. A new call invalidates a s
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import os
 import time
@@ -21,7 +20,7 @@ import psutil
 
 from edgellm import bundle as bundles
 from edgellm.early_exit import attach as early_exits
-from edgellm.early_exit.speculative import DraftCounters, speculative_tokens
+from edgellm.early_exit.speculative import DraftCounters
 from edgellm.errors import ModelLoadError, NoChatTemplateError, SettingsError
 from edgellm.runtime import chat as chats
 from edgellm.runtime import threads as thread_tuning
@@ -201,8 +200,7 @@ class Runtime:
         source, counters = plain_tokens, None
         if self.early_exit is not None and self.early_exit.draft is not None:
             counters = DraftCounters()
-            source = functools.partial(speculative_tokens, draft=self.early_exit.draft, k=self.early_exit.k,
-                                       counters=counters)
+            source = self.early_exit.token_source(counters)
         for chunk in run(self.backend, self._cached, prompt, settings, source=source, counters=counters):
             if chunk.stats is not None and dropped:
                 chunk = dataclasses.replace(chunk, stats=dataclasses.replace(chunk.stats, dropped_messages=dropped))

@@ -251,11 +251,14 @@ class LlamaCppBackend(Vocab):
     """A llama.cpp model, context and batch; one KV sequence. See ``edgellm.runtime.base.Backend``."""
 
     def __init__(self, path: Path, model: int, ctx: int, n_batch: int, n_gpu_layers: int,
-                 stack: contextlib.ExitStack) -> None:
+                 stack: contextlib.ExitStack, params: "llama_cpp.llama_context_params") -> None:
+        """Takes ownership of ``ctx`` (made from ``params``): ``stack`` frees it first, then what it held before."""
+        self._ctx, self._stack, self._params = ctx, stack, params
+        stack.callback(self._free_context)
         super().__init__(model)
         self.path = path
-        self._ctx, self._stack = ctx, stack
         self._memory = llama_cpp.llama_get_memory(ctx)
+        self.tap = None                   # an eval callback installed with install_tap, kept alive here
         self.id = backend_id(n_gpu_layers)
         self.n_ctx = llama_cpp.llama_n_ctx(ctx)
         self.n_ctx_train = llama_cpp.llama_model_n_ctx_train(model)
@@ -289,10 +292,9 @@ class LlamaCppBackend(Vocab):
             stack.callback(llama_cpp.llama_model_free, model)
             if n_ctx is None:
                 n_ctx = default_n_ctx(llama_cpp.llama_model_n_ctx_train(model))
-            ctx = _new_context(path, model, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                               n_threads_batch=n_threads_batch, kv_type=KV_TYPES[kv_type])
-            stack.callback(llama_cpp.llama_free, ctx)
-            backend = cls(path, model, ctx, n_batch, n_gpu_layers, stack)
+            params = context_params(n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
+                                    n_threads_batch=n_threads_batch, kv_type=KV_TYPES[kv_type])
+            backend = cls(path, model, new_context(path, model, params), n_batch, n_gpu_layers, stack, params)
         except BaseException:
             stack.close()
             raise
@@ -304,6 +306,25 @@ class LlamaCppBackend(Vocab):
             if backend.mlock_note:
                 logger.warning("%s", backend.mlock_note)
         return backend
+
+    def _free_context(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def install_tap(self, tap) -> None:
+        """Recreate the context with ``tap`` (an ``edgellm.early_exit.tap.Tap``; None: no callback) as llama.cpp's
+        eval callback; the KV cache starts empty. Same settings and threads otherwise. Raises ModelLoadError."""
+        params = llama_cpp.llama_context_params.from_buffer_copy(self._params)
+        params.n_threads, params.n_threads_batch = self.threads
+        params.cb_eval = tap.c_callback if tap is not None else llama_cpp.ggml_backend_sched_eval_callback()
+        params.cb_eval_user_data = None
+        ctx = new_context(self.path, self._model, params)
+        self._free_context()
+        self._ctx, self._params, self.tap = ctx, params, tap
+        self._memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(ctx)
+        self._n_past = 0
 
     def _init_batch(self, n_batch: int) -> None:
         batch = llama_cpp.llama_batch_init(n_batch, 0, 1)
@@ -406,8 +427,9 @@ def _load_model(path: Path, *, mmap: bool, mlock: bool, n_gpu_layers: int) -> in
     return model
 
 
-def _new_context(path: Path, model: int, *, n_ctx: int, n_batch: int, n_threads: int, n_threads_batch: int,
-                 kv_type: int) -> int:
+def context_params(*, n_ctx: int, n_batch: int, n_threads: int, n_threads_batch: int,
+                   kv_type: int) -> "llama_cpp.llama_context_params":
+    """The llama.cpp context settings every context of this backend uses (one sequence, sized batches)."""
     params = llama_cpp.llama_context_default_params()
     params.n_ctx = n_ctx
     params.n_batch = params.n_ubatch = n_batch
@@ -424,8 +446,13 @@ def _new_context(path: Path, model: int, *, n_ctx: int, n_batch: int, n_threads:
     # memory matters more than reusing a prefix that was cut more than a window back (see truncate()).
     params.swa_full = False
     params.no_perf = True
+    return params
+
+
+def new_context(path: Path, model: int, params: "llama_cpp.llama_context_params") -> int:
+    """A llama.cpp context on ``model``. Raises ModelLoadError."""
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
-        raise ModelLoadError(str(path), f"could not create a context of {n_ctx} tokens: "
+        raise ModelLoadError(str(path), f"could not create a context of {params.n_ctx} tokens: "
                                         + recent_problems("out of memory?"))
     return ctx
