@@ -27,7 +27,8 @@ from edgellm.early_exit.calibrate import (FIT_TOKENS, HELD_OUT_TOKENS, acceptanc
                                          verify_cost)
 from edgellm.early_exit.confidence import ConfidenceBackend
 from edgellm.early_exit.draft import PromptLookup, SelfDraft
-from edgellm.early_exit.heads import probability_margin, rank_vocab
+from edgellm.early_exit.heads import probability_margin, rank_vocab, reduced_head
+from edgellm.early_exit.shared import SharedDraft
 from edgellm.early_exit.tap import FINAL_NAME, Tap, sibling
 from edgellm.runtime.llamacpp import LlamaCppBackend
 from edgellm.testing import gemma
@@ -41,6 +42,7 @@ GROUNDED = (f"{DOCUMENT}\nQuestion: When was the lighthouse at Cape Wrath built,
 EXIT_LAYERS = (9, 12, 15, 18)
 VOCAB_SIZES = (4096, 16384, 65536)
 KS = (1, 2, 4)
+SHARED_KS = (4, 8)
 THRESHOLDS = (0.9, 0.7, 0.5, 0.3)
 QUALITY_WINDOW = 64
 
@@ -73,11 +75,47 @@ def confidence_quality(backend, head, held_out, thresholds):
     return out
 
 
+def shared_rows(backend, ranked, gen_tokens: int, plain_tokens) -> list[tuple]:
+    """Decode rows of the shared draft per V and k (it installs, then removes, an eval callback on ``backend``)."""
+    rows = []
+    for v in VOCAB_SIZES[:2]:
+        draft = SharedDraft(backend, reduced_head(backend.path, ranked, v))
+        for k in SHARED_KS:
+            tok_s, acc, outs = decode_speed(backend, PROMPTS, gen_tokens, draft, k)
+            same = f"{sum(a == b for a, b in zip(outs, plain_tokens))}/{len(plain_tokens)}"
+            rows.append((f"lossless shared draft V={v}", k, tok_s, acc, same, "free"))
+        draft.close()
+    backend.install_tap(None)
+    return rows
+
+
+def shared_only(backend, ranked, args) -> int:
+    """Plain greedy against the shared draft, alternating three times so drift hits both alike."""
+    plain, shared = [], []
+    for _ in range(3):
+        tok_s, _, plain_tokens = decode_speed(backend, PROMPTS, args.gen_tokens)
+        plain.append(tok_s)
+        shared.append(shared_rows(backend, ranked, args.gen_tokens, plain_tokens))
+    print(f"## Shared draft vs plain, greedy, {args.gen_tokens} tokens x {len(PROMPTS)} prompts, "
+          f"{args.threads} thread(s), 3 alternating runs\n")
+    print("| draft | k | decode tok/s (median) | vs plain (median of per-run ratios) | acceptance | identical |")
+    print("|---|---|---|---|---|---|")
+    print(f"| plain | - | {np.median(plain):.1f} | 1.00x | - | - |")
+    for i, (mode, k, _, acc, same, _) in enumerate(shared[0]):
+        speeds = [run[i][2] for run in shared]
+        ratios = [run[i][2] / p for run, p in zip(shared, plain)]
+        print(f"| {mode} | {k} | {np.median(speeds):.1f} | {np.median(ratios):.2f}x | {acc:.2f} | {same} |")
+    backend.close()
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--gen-tokens", type=int, default=48)
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--shared-only", action="store_true",
+                        help="only plain decoding against the shared draft (section 2's shared rows)")
     args = parser.parse_args()
     path = gemma.gguf_path()
     backend = LlamaCppBackend.load(path, n_ctx=1024, n_threads=args.threads, n_threads_batch=args.threads)
@@ -87,6 +125,8 @@ def main() -> int:
     held_out, fit_tokens = tokens[:HELD_OUT_TOKENS], tokens[HELD_OUT_TOKENS:HELD_OUT_TOKENS + FIT_TOKENS]
     ranked = rank_vocab(tokens[HELD_OUT_TOKENS:], backend.n_vocab, [backend.special.eos, backend.special.eot])
 
+    if args.shared_only:
+        return shared_only(backend, ranked, args)
     t = time.perf_counter()
     grid = [(e, v) for e in EXIT_LAYERS for v in VOCAB_SIZES]
     heads = dict(zip(grid, fit_heads(backend, path, fit_tokens, ranked, grid, n_layers)))
@@ -117,6 +157,7 @@ def main() -> int:
         for k in KS:
             tok_s, acc, outs = decode_speed(backend, prompts, args.gen_tokens, PromptLookup(), k)
             rows.append(("lossless prompt lookup", k, tok_s, acc, same(outs, ref), kind))
+    rows += shared_rows(backend, ranked, args.gen_tokens, plain_tokens)
     print(f"\n## Decode speed, greedy, {args.gen_tokens} tokens x {len(PROMPTS)} prompts, {args.threads} thread(s)\n")
     print("| mode | k | prompts | decode tok/s | vs plain | acceptance | outputs identical to plain |")
     print("|---|---|---|---|---|---|---|")

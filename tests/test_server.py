@@ -392,3 +392,18 @@ def test_serve_loads_a_model_and_stops_on_shutdown(gemma_gguf):
     server.shutdown()
     thread.join(30)
     assert not thread.is_alive()
+
+
+def test_usage_reports_draft_tokens_kept_and_rejected_with_early_exit():
+    from types import SimpleNamespace
+
+    from edgellm.serve.protocol import completion_body, usage_chunk_body
+
+    stats = SimpleNamespace(prompt_tokens=4, generated_tokens=10, drafted_tokens=8, accepted_tokens=6)
+    body = completion_body("completion", "r1", "m", SimpleNamespace(text="x", finish_reason="length", stats=stats))
+    assert body["usage"]["completion_tokens_details"] == {"accepted_prediction_tokens": 6,
+                                                          "rejected_prediction_tokens": 2}
+    plain = usage_chunk_body("chat", "r2", "m", 4, 10)
+    assert "completion_tokens_details" not in plain["usage"]      # nothing drafted: OpenAI's plain shape
+    assert usage_chunk_body("chat", "r2", "m", 4, 10, 5, 5)["usage"]["completion_tokens_details"] == {
+        "accepted_prediction_tokens": 5, "rejected_prediction_tokens": 0}

@@ -260,9 +260,15 @@ def parse_request(kind: str, body: Any, max_tokens_limit: int) -> Job:
 # ---------------------------------------------------------------------------------------------------------
 # Response shaping: OpenAI's JSON objects.
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+def _usage(prompt_tokens: int, completion_tokens: int, drafted: int = 0, accepted: int = 0) -> dict[str, Any]:
+    """OpenAI's usage object; with early exit, draft tokens the model kept or rejected are reported where
+    OpenAI reports predicted-output tokens (``completion_tokens_details``)."""
+    usage: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                             "total_tokens": prompt_tokens + completion_tokens}
+    if drafted:
+        usage["completion_tokens_details"] = {"accepted_prediction_tokens": accepted,
+                                              "rejected_prediction_tokens": drafted - accepted}
+    return usage
 
 
 def _envelope(rid: str, object_name: str, model: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
@@ -281,7 +287,8 @@ def completion_body(kind: str, rid: str, model: str, completion: Any) -> dict[st
     else:
         choice["text"] = completion.text
     body = _envelope(rid, ENDPOINTS[kind].object, model, [choice])
-    body["usage"] = _usage(completion.stats.prompt_tokens, completion.stats.generated_tokens)
+    stats = completion.stats
+    body["usage"] = _usage(stats.prompt_tokens, stats.generated_tokens, stats.drafted_tokens, stats.accepted_tokens)
     return body
 
 
@@ -295,10 +302,11 @@ def chunk_body(kind: str, rid: str, model: str, text: str, reason: str | None, f
     return _envelope(rid, ENDPOINTS[kind].chunk_object, model, [choice])
 
 
-def usage_chunk_body(kind: str, rid: str, model: str, prompt_tokens: int, completion_tokens: int) -> dict:
+def usage_chunk_body(kind: str, rid: str, model: str, prompt_tokens: int, completion_tokens: int,
+                     drafted: int = 0, accepted: int = 0) -> dict:
     """The extra last chunk sent when ``stream_options.include_usage`` is true: no choices, only usage."""
     body = _envelope(rid, ENDPOINTS[kind].chunk_object, model, [])
-    body["usage"] = _usage(prompt_tokens, completion_tokens)
+    body["usage"] = _usage(prompt_tokens, completion_tokens, drafted, accepted)
     return body
 
 

@@ -60,6 +60,8 @@ class _Done:
 
     prompt_tokens: int
     completion_tokens: int
+    drafted_tokens: int = 0      # early exit: draft tokens verified, and how many of them the model kept
+    accepted_tokens: int = 0
 
 
 class Worker:
@@ -112,7 +114,8 @@ class Worker:
             for chunk in chunks:
                 job.events.put(chunk)
                 stats = chunk.stats or stats   # the final chunk carries the statistics
-            job.events.put(_Done(stats.prompt_tokens, stats.generated_tokens) if stats else _Done(0, 0))
+            job.events.put(_Done(stats.prompt_tokens, stats.generated_tokens, stats.drafted_tokens,
+                                      stats.accepted_tokens) if stats else _Done(0, 0))
         except Exception as exc:   # handed to the request thread, which answers with an error
             job.events.put(exc)
 
@@ -249,7 +252,8 @@ class _Handler(BaseHTTPRequestHandler):
                     first = False
                 event = job.events.get()
             if isinstance(event, _Done) and job.include_usage:
-                self._send_event(usage_chunk_body(job.kind, rid, model, event.prompt_tokens, event.completion_tokens))
+                self._send_event(usage_chunk_body(job.kind, rid, model, event.prompt_tokens, event.completion_tokens,
+                                                 event.drafted_tokens, event.accepted_tokens))
             self.wfile.write(b"data: [DONE]\n\n")
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
