@@ -8,8 +8,10 @@ kernels on the same weights) scores the k states at once. The longest agreeing p
 disagreement the full model's token is kept instead and the KV entries decoded after it are dropped.
 
 So nothing is recomputed (the KV entries drafting wrote are the ones verification would have written), and
-every kept token comes from logits bit for bit equal to plain decoding's: greedy output is identical token for
-token, and sampling uses standard speculative acceptance (speculative.py). What it saves is the output head
+every kept token comes from plain decoding's logits: one row of the verifier equals llama_decode's bit for bit
+(checked when the draft is set up); several rows at once are the same numbers for quantized heads, and float
+heads, whose batched kernel rounds a few ulps differently, recompute near ties one row at a time. Greedy output
+is identical token for token; sampling uses standard speculative acceptance (speculative.py). What it saves is the output head
 done one row at a time; what it spends is the reduced head and, after a rejection, the drafted steps beyond it.
 """
 
