@@ -222,11 +222,13 @@ def _shared_grid(backend, heads: list[ExitHead], ks: Sequence[int], max_tokens: 
         except ValueError as exc:
             logger.info("shared draft not measured: %s", exc)
             return rows
-        for k in ks:
-            tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
-            rows.append({"mode": "lossless", "draft": "shared", "exit_layer": head.exit_layer,
-                         "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
-        draft.close()
+        try:
+            for k in ks:
+                tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
+                rows.append({"mode": "lossless", "draft": "shared", "exit_layer": head.exit_layer,
+                             "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
+        finally:
+            draft.close()
     return rows
 
 

@@ -47,8 +47,7 @@ class SharedDraft:
         self.full: OutputHead | None = None          # found on the first decode that computes logits
         self.reduced: OutputHead | None = None
         self._drafting = False
-        self._hidden: np.ndarray | None = None
-        self._hidden_for_probe: np.ndarray | None = None
+        self._hidden: np.ndarray | None = None         # the last decoded position's final normed state
         self.batch_exact = True          # whether several rows at once round exactly as one row does (probed)
         if backend.id != "llama.cpp-cpu":
             raise ValueError(f"the output head is computed on the CPU; this model runs on {backend.id}")
@@ -59,10 +58,10 @@ class SharedDraft:
             self.tap.check()
             if self.full is None:
                 raise ValueError("llama.cpp's graph has no result_output node")
-            if not np.array_equal(self.full.logits(self._hidden_for_probe)[0], want):
+            if not np.array_equal(self.full.logits(self._hidden)[0], want):
                 raise ValueError("the output head computed outside llama.cpp does not reproduce its logits "
                                  f"(output matrix type {self.full.type})")
-            probe = np.repeat(self._hidden_for_probe, 2, axis=0)
+            probe = np.repeat(self._hidden, 2, axis=0)
             self.batch_exact = bool(np.array_equal(self.full.logits(probe)[1], self.full.logits(probe[:1])[0]))
         except BaseException:
             backend.install_tap(None)
@@ -79,11 +78,8 @@ class SharedDraft:
                          self.full.n_embd, self.full.type, "ggml rows" if self.reduced else "numpy rows")
 
     def _keep(self, _name: str, rows: np.ndarray) -> bool:
-        if not self._drafting:
-            self._hidden_for_probe = rows[-1:]
-            return True                                  # a plain decode: let llama.cpp compute the logits
         self._hidden = rows[-1:]
-        return False                                     # stop before the output head
+        return not self._drafting        # drafting: stop before the output head; else llama.cpp computes logits
 
     def step(self, token: int) -> tuple[np.ndarray, int]:
         """Decode ``token`` through the blocks only; (its (1, n_embd) final normed state, the reduced head's
