@@ -73,12 +73,13 @@ def test_decode_matches_reference_through_the_cache(variant, provider, folders, 
 def test_shared_buffer_cache_is_preallocated_and_reused(folders):
     backend = OnnxBackend.load(folders("qwen2"), n_ctx=32, n_threads=1)
     try:
-        assert backend._shared
-        buffers = [id(v) for pair in backend._kv for v in pair]
-        assert backend._kv[0][0].shape() == [1, 2, 32, 16]
+        stage = backend._stages[0]
+        assert stage.layout.shared
+        buffers = [id(v) for pair in stage.kv for v in pair]
+        assert stage.kv[0][0].shape() == [1, 2, 32, 16]
         backend.decode([1, 2, 3, 4])
         backend.decode([5])
-        assert [id(v) for pair in backend._kv for v in pair] == buffers
+        assert [id(v) for pair in stage.kv for v in pair] == buffers
     finally:
         backend.close()
 
@@ -135,13 +136,13 @@ def test_set_threads_recreates_the_session_and_keeps_the_cache(folders):
     try:
         first = backend.decode([1, 5, 9, 17], "all")
         backend.truncate(2)
-        session = backend._session
+        session = backend._stages[0].session
         backend.set_threads(2, 2)
-        assert backend._session is not session and backend.threads == (2, 2)
+        assert backend._stages[0].session is not session and backend.threads == (2, 2)
         again = backend.decode([9, 17], "all")
         assert rel_error(again, first[2:]) <= TOLERANCE
         backend.set_threads(2, 1)
-        assert backend._session is not None and backend.threads == (2, 2)
+        assert backend._stages[0].session is not None and backend.threads == (2, 2)
     finally:
         backend.close()
 
@@ -151,7 +152,8 @@ def test_set_threads_releases_the_old_session_first(folders, monkeypatch):
     backend = OnnxBackend.load(folders("llama"), n_ctx=16, n_threads=1)
     seen = []
     make = OnnxBackend._create_session
-    monkeypatch.setattr(OnnxBackend, "_create_session", lambda self, n: seen.append(self._session) or make(self, n))
+    monkeypatch.setattr(OnnxBackend, "_create_session",
+                        lambda self, model: seen.append(self._stages[0].session) or make(self, model))
     try:
         backend.set_threads(2, 2)
         assert seen == [None] and backend.decode([1, 2, 3]).shape == (1, backend.n_vocab)

@@ -82,26 +82,41 @@ def attach(backend: Any, requested: str | None, settings: Mapping[str, Any], bun
     """Early exit for ``backend``: ``requested`` ("off", "lossless", "confidence[:T]") or, when None, the
     bundle's calibrated choice (``settings`` is the manifest section).
 
-    Raises SettingsError for a bad mode, or confidence mode where there is no full-depth llama.cpp head.
+    Raises SettingsError for a bad mode, or confidence mode without a calibrated head (on llama.cpp a full-depth
+    one; on ONNX a graph that can be cut).
     """
     mode = parse_mode(requested if requested is not None else settings.get("mode", "off"))
     if not mode.on:
         return Setup(mode, backend)
     head = _head(settings, bundle_dir)
-    llama = is_llama_cpp(backend)
     k = int(settings.get("k", DEFAULT_K))
     if mode.name == "confidence":
-        if head is None or not llama:
-            raise SettingsError("early_exit", str(mode), "needs a llama.cpp model with a calibrated exit head "
-                                "(run `edgellm exit calibrate BUNDLE` first)")
-        from edgellm.early_exit.confidence import ConfidenceBackend
-
         threshold = mode.threshold if requested is not None else float(settings.get("threshold", mode.threshold))
-        wrapped = ConfidenceBackend(backend, head, threshold)
-        return Setup(parse_mode(f"confidence:{threshold:g}"), wrapped, note=f"{head.vocab_size}-token head")
+        wrapped, note = _confidence(backend, head, threshold, mode)
+        return Setup(parse_mode(f"confidence:{threshold:g}"), wrapped, note=note)
     draft, note = _lossless_draft(backend, head, settings, k)
     logger.info("early exit lossless: %s", note)
     return Setup(mode, backend, draft, k, note, closers=[draft.close])
+
+
+def _confidence(backend: Any, head: ExitHead | None, threshold: float, mode: EarlyExitMode) -> tuple[Any, str]:
+    """The confidence wrapper: llama.cpp exits after the last block (a full-depth head); ONNX at the head's
+    layer, the upper layers' cache filled from the exit state (CALM)."""
+    if head is None:
+        raise SettingsError("early_exit", str(mode), "needs a calibrated exit head "
+                            "(run `edgellm exit calibrate BUNDLE` first)")
+    if is_llama_cpp(backend):
+        from edgellm.early_exit.confidence import ConfidenceBackend
+
+        return ConfidenceBackend(backend, head, threshold), f"{head.vocab_size}-token head after the last block"
+    from edgellm.early_exit.onnx_exit import OnnxConfidence
+
+    try:
+        wrapped = OnnxConfidence(backend, head, threshold)
+    except ValueError as exc:
+        raise SettingsError("early_exit", str(mode), str(exc)) from None
+    return wrapped, (f"{head.vocab_size}-token head after layer {head.exit_layer}/{head.n_layers}"
+                     + (", upper layers' KV filled from the exit state" if not head.full_depth else ""))
 
 
 def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, Any], k: int) -> tuple[Draft, str]:
@@ -125,13 +140,23 @@ def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, 
             where = "the bundle's" if head is not None else "edgellm's calibration text's"
             return shared, (f"shared draft: full depth, {ranked.vocab_size}-token head ({where} ranking), "
                             f"k={k}, one KV cache, verification by the model's own output head")
+    margin = float(settings.get("min_margin", 0.0))
+    where = f"exit after layer {head.exit_layer}/{head.n_layers}, " if head is not None else ""
     if head is not None and llama and chosen in (None, "self", "shared"):
-        return (SelfDraft(backend, head, min_margin=float(settings.get("min_margin", 0.0))),
-                f"self-draft: exit after layer {head.exit_layer}/{head.n_layers}, {head.vocab_size}-token head, k={k}"
+        return (SelfDraft(backend, head, min_margin=margin),
+                f"self-draft: {where}{head.vocab_size}-token head, k={k}"
                 + (f" (the shared draft is unavailable: {problem})" if problem else ""))
+    if head is not None and not llama and chosen in (None, "self"):
+        from edgellm.early_exit.onnx_exit import SplitDraft
+
+        try:
+            return (SplitDraft(backend, head, min_margin=margin),
+                    f"self-draft on the graph cut at the exit: {where}{head.vocab_size}-token head, k={k}, "
+                    "lower-half cache shared with verification")
+        except ValueError as exc:
+            problem = str(exc)
     why = ("the calibration chose it" if chosen == "prompt-lookup" else
-           f"the shared draft is unavailable: {problem}" if problem else
-           "self-drafting needs the llama.cpp backend" if not llama else "no exit head in the bundle")
+           f"self-drafting is unavailable: {problem}" if problem else "no exit head in the bundle")
     return PromptLookup(), f"{why}: drafting with prompt lookup (n-grams from the context), k={k}"
 
 

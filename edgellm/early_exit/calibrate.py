@@ -149,14 +149,14 @@ def choose(measurements: list[dict[str, Any]], plain_tok_s: float, min_speedup: 
 def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: Sequence[int] | None = None,
               vocab_sizes: Sequence[int] = (4096, 16384), ks: Sequence[int] = (2, 4, 8), max_tokens: int = 48,
               min_speedup: float = MIN_SPEEDUP, n_threads: int | None = None, write: bool = True) -> Calibration:
-    """Measure early exit for the GGUF bundle at ``bundle_dir`` and store heads and settings in it.
+    """Measure early exit for the GGUF or ONNX bundle at ``bundle_dir`` and store heads and settings in it.
 
     ``exit_layers`` default to full depth only (a reduced head; measured the strongest draft on Gemma 3).
     Acceptance is measured for every (E, V); decode speed for the best head of each E with each k, and for
     prompt lookup. Returns the Calibration (also written to the manifest when ``write``).
 
     Raises:
-        SettingsError: the bundle's model is not a llama.cpp (GGUF) model.
+        SettingsError: the bundle's model is neither a llama.cpp (GGUF) nor an ONNX model.
         BundleError, ModelLoadError: from loading the bundle.
     """
     from edgellm.converters.imatrix import default_calibration_text
@@ -166,28 +166,45 @@ def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: S
     bundle_dir = Path(bundle_dir)
     with Runtime.load(bundle_dir, early_exit="off", n_threads=n_threads, n_threads_batch=n_threads) as rt:
         backend = rt.backend
-        if not is_llama_cpp(backend):
-            raise SettingsError("early_exit", str(bundle_dir), "calibration needs a GGUF (llama.cpp) bundle")
+        llama = is_llama_cpp(backend)
+        if not llama and not hasattr(backend, "split"):
+            raise SettingsError("early_exit", str(bundle_dir), "calibration needs a GGUF (llama.cpp) or ONNX bundle")
         n_layers = int(backend.metadata[f"{backend.metadata['general.architecture']}.block_count"])
         tokens = backend.tokenize(text if text is not None else default_calibration_text(), add_special=False)
         held_out, fit_tokens = tokens[:HELD_OUT_TOKENS], tokens[HELD_OUT_TOKENS:HELD_OUT_TOKENS + FIT_TOKENS]
         ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
         ranked = rank_vocab(tokens[HELD_OUT_TOKENS:], backend.n_vocab, ends)
         grid = [(e, min(v, backend.n_vocab)) for e in (exit_layers or (n_layers,)) for v in vocab_sizes]
-        heads = fit_heads(backend, Path(rt.info.model_path), fit_tokens, ranked, grid, n_layers)
-        rates = acceptance(backend, heads, held_out)
+        if llama:
+            heads = fit_heads(backend, Path(rt.info.model_path), fit_tokens, ranked, grid, n_layers)
+            rates = acceptance(backend, heads, held_out)
+        else:
+            from edgellm.early_exit import onnx_exit
+
+            heads = onnx_exit.fit_heads(backend, windows_of(fit_tokens), ranked, grid, RIDGE)
+            rates = onnx_exit.acceptance(backend, heads, windows_of(held_out))
         measurements = [{"mode": "acceptance", "exit_layer": h.exit_layer, "vocab_size": h.vocab_size,
                          "acceptance": a} for h, a in zip(heads, rates)]
         plain_tok_s, _, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens)
         measurements += _speed_grid(backend, heads, rates, ks, max_tokens)
         measurements += [{"mode": "verify cost", "k": k, "steps": verify_cost(backend, k)} for k in ks]
-        measurements += _shared_grid(backend, heads, ks, max_tokens)      # last: it installs an eval callback
+        if llama:
+            measurements += _shared_grid(backend, heads, ks, max_tokens)      # last: it installs an eval callback
         result = choose(measurements, plain_tok_s, min_speedup)
         logger.info("early exit calibration: %s (%s)", result.mode, result.reason)
         keep = _head_to_keep(heads, rates, result)
         if write:
             _store(bundle_dir, result, keep)
     return result
+
+
+def _self_draft(backend, head: ExitHead) -> Draft:
+    """The self-draft for ``backend``: a sibling llama.cpp context, or the ONNX graph cut at the exit."""
+    if is_llama_cpp(backend):
+        return SelfDraft(backend, head)
+    from edgellm.early_exit.onnx_exit import SplitDraft
+
+    return SplitDraft(backend, head)
 
 
 def _speed_grid(backend, heads: list[ExitHead], rates: list[float], ks: Sequence[int], max_tokens: int) -> list[dict]:
@@ -197,7 +214,11 @@ def _speed_grid(backend, heads: list[ExitHead], rates: list[float], ks: Sequence
         if rate > best.get(head.exit_layer, (-1.0, None))[0]:
             best[head.exit_layer] = (rate, head)
     for _, head in best.values():
-        draft = SelfDraft(backend, head)
+        try:
+            draft = _self_draft(backend, head)
+        except ValueError as exc:                    # an ONNX graph that cannot be cut
+            logger.info("self-draft not measured: %s", exc)
+            break
         try:
             for k in ks:
                 tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)

@@ -3,10 +3,10 @@ the reduced-vocabulary head inside llama.cpp's eval callback; when its top-1 min
 the threshold, stop the graph there (the full output head is skipped) and return the reduced head's logits
 (every other token at -inf). Otherwise the graph goes on and the full logits come back as usual.
 
-The exit is taken after the last block only: every block's KV entries are written, so later tokens see
-exactly the cache the full model would have. (Exiting below the last block would leave the upper blocks'
-KV entries unwritten; CALM fills them from the exit state, which needs graph surgery llama.cpp does not
-expose, so it is not offered.)
+On llama.cpp the exit is taken after the last block only: every block's KV entries are written, so later
+tokens see exactly the cache the full model would have. (Exiting below the last block would leave the upper
+blocks' KV entries unwritten; CALM fills them from the exit state, which needs graph surgery llama.cpp does
+not expose. The ONNX backend does it on a graph cut at the exit layer: ``onnx_exit.OnnxConfidence``.)
 """
 
 from __future__ import annotations

@@ -90,6 +90,13 @@ class ExitHead:
         out = np.einsum("nd,vd->nv", h, self.rows)
         return self.softcap * np.tanh(out / self.softcap) if self.softcap else out
 
+    def logits_from_residual(self, residual: np.ndarray) -> np.ndarray:
+        """``logits`` from the residual stream before any final norm (what an ONNX graph cut at E gives):
+        at full depth the final norm is applied first; below it, ``logits`` already ends with it."""
+        if self.full_depth:
+            return self.logits(rms_norm(residual, self.norm_weight, self.norm_eps))
+        return self.logits(residual)
+
     def predict(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(token ids (n,), top-1 minus top-2 probability (n,)) of the head's softmax over its V tokens."""
         logits = self.logits(hidden)

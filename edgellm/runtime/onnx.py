@@ -5,10 +5,12 @@
   else for CPU graphs the probe's choice among ``onnxruntime.get_available_providers()`` that runs the
   graph's ops. The reason is kept in ``provider_reason``; a provider that is missing or that ONNX Runtime
   drops while creating the session falls back to the CPU, logged and kept in ``provider_note``.
-* KV cache: graphs with GroupQueryAttention (genai_config ``past_present_share_buffer``) get one
-  preallocated (1, kv_heads, n_ctx, head_dim) buffer per layer and tensor, bound with IO binding as both
-  ``past_key_values.{i}`` and ``present.{i}``: GQA appends in place, nothing is copied per token, and
-  ``truncate`` only moves ``n_past``. Standard-op graphs (Concat) feed each run's present as the next past.
+* Sessions and KV cache: ``onnx_stages.Stage`` (a preallocated buffer per layer shared by past and present for
+  GroupQueryAttention graphs, so ``truncate`` only moves ``n_past``; Concat graphs feed present as next past).
+* Early exit: ``split(E)`` runs the graph cut before layer E (``edgellm.converters.onnx.split``) as two
+  stages on the same weights file; ``lower(tokens)`` runs the lower half ahead for drafting (the exit state
+  comes back), and ``decode`` reuses those states and cache entries instead of recomputing them; ``fill()``
+  commits them without the upper half (CALM: the upper layers' K/V from the exit state).
 * Only the positions that need logits are computed: ``logits_to_keep`` (an input with a default that our
   exporter adds) is set to the span from the first requested position to the end of the call.
 * Tokenization: llama.cpp's tokenizer on the vocabulary-only ``tokenizer.gguf`` the exporter writes, so an
@@ -20,6 +22,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ import onnxruntime as ort
 from edgellm.backends import BACKENDS, BY_ORT_PROVIDER
 from edgellm.errors import ContextOverflowError, ModelLoadError, OnnxRunError
 from edgellm.runtime.base import LogitsFor, default_n_ctx, output_indices
+from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, GraphLayout, Stage
 
 if TYPE_CHECKING:                    # the probe package is imported only when a choice needs it
     from edgellm.probe.info import BackendChoice
@@ -42,10 +46,11 @@ GENAI_CONFIG = "genai_config.json"
 VOCAB_GGUF = "tokenizer.gguf"
 DEFAULT_N_BATCH = 512            # prompt tokens per session run (bounds GQA's (heads, seq, total) scratch)
 CPU = "CPUExecutionProvider"
-LOGITS_TO_KEEP = "logits_to_keep"
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"   # where a graph from bytes finds its data
+NO_SPINNING = "session.force_spinning_stop"
+HIDDEN, RESIDUAL = "exit.hidden", "exit.residual"   # edgellm.converters.onnx.split's cut tensors
 # provider short name (edgellm.backends api) -> OrtValue device for the KV buffers
 KV_DEVICES = {"cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
-ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 # --- which execution provider (pure) ---
@@ -220,11 +225,14 @@ class OnnxBackend:
         self.provider_note: str | None = choice.reason if choice.fallback else None
         self.mlock_locked, self.mlock_note = False, None
         self._threads = (n_threads, n_threads)
-        self._session = self._create_session(n_threads)
-        self._layout()
-        self._n_past = 0
-        self._kv: list[list[Any]] = self._allocate_kv() if self._shared else []
-        self._io = self._binding() if self._shared else None
+        self._input_ids = self.folder.decoder["inputs"]["input_ids"]
+        self._logits = self.folder.decoder["outputs"]["logits"]
+        self._graph = self._layout()
+        self._stages = [self._stage(str(self.path), range(self.n_layers), "decoder")]
+        self._fill_graph: bytes | None = None
+        self._filler: Stage | None = None
+        self._ahead: list[tuple[int, np.ndarray, np.ndarray]] = []   # split: lower-half states not yet upper-run
+        self.exit_layer: int | None = None                            # split: where the graph is cut
 
     # --- loading ---
 
@@ -268,16 +276,26 @@ class OnnxBackend:
         backend.mlock_note = "; ".join(n for n in notes if n) or None
         return backend
 
-    def _create_session(self, n_threads: int) -> ort.InferenceSession:
+    @property
+    def n_layers(self) -> int:
+        return int(self.folder.decoder["num_hidden_layers"])
+
+    def _create_session(self, model: str | bytes) -> ort.InferenceSession:
+        """A session on ``model`` (a path, or a serialized graph whose weights are in this folder) with the
+        backend's providers and decode threads; a provider ORT drops is reported in ``provider_note``."""
         options = ort.SessionOptions()
-        options.intra_op_num_threads = n_threads
+        options.intra_op_num_threads = self._threads[0]
         options.inter_op_num_threads = 1
         options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # 3 = errors only: ORT warns about the logits_to_keep default on every load
         options.log_severity_level = 2 if self._verbose else 3
+        if isinstance(model, bytes):         # a graph cut from model.onnx: its external data is next to it
+            options.add_session_config_entry(EXTERNAL_FOLDER, str(self.folder.root))
+            # sessions run one after another: a pool spinning after its run would take the cores from the next
+            options.add_session_config_entry(NO_SPINNING, "1")
         try:
-            session = ort.InferenceSession(str(self.path), options, providers=list(self.choice.providers))
+            session = ort.InferenceSession(model, options, providers=list(self.choice.providers))
         except Exception as exc:   # onnxruntime raises its own Fail/InvalidGraph/... types
             raise ModelLoadError(str(self.path), f"ONNX Runtime could not create a session: {exc}") from None
         active = session.get_providers()
@@ -288,25 +306,27 @@ class OnnxBackend:
             self.id = BY_ORT_PROVIDER[CPU].id
         return session
 
-    def _layout(self) -> None:
-        """Input names, KV shapes and dtype from the session's signature."""
-        inputs = {i.name: i for i in self._session.get_inputs()}
-        decoder = self.folder.decoder
-        names = self._names = decoder["inputs"]
-        self._past_names = [names["past_key_names"] % i for i in range(int(decoder["num_hidden_layers"]))]
-        self._dtype = np.dtype(ORT_TYPES[inputs[self._past_names[0]].type])
-        self._kv_heads, self._head_dim = int(decoder["num_key_value_heads"]), int(decoder["head_size"])
-        self._positions = names.get("position_ids") if names.get("position_ids") in inputs else None
-        self._logits = decoder["outputs"]["logits"]
-        overridable = {i.name for i in self._session.get_overridable_initializers()}
-        self._keep = LOGITS_TO_KEEP in (overridable | set(inputs))
-        self._shared = self.folder.shares_buffer
+    def _stage(self, model: str | bytes, layers: Sequence[int], name: str,
+               buffers: list[list[Any]] | None = None) -> Stage:
+        session = self._create_session(model)      # first: a provider ORT drops moves the cache to the CPU
+        layout = dataclasses.replace(self._graph, device=KV_DEVICES.get(BACKENDS[self.id].api, "cpu"))
+        return Stage(lambda: self._create_session(model), layers, layout, name, buffers, session)
 
-    def _allocate_kv(self) -> list[list[Any]]:
-        device = KV_DEVICES.get(BACKENDS[self.id].api, "cpu")
-        shape = [1, self._kv_heads, self.n_ctx, self._head_dim]
-        return [[ort.OrtValue.ortvalue_from_shape_and_type(shape, self._dtype, device, 0) for _ in range(2)]
-                for _ in self._past_names]
+    def _layout(self) -> GraphLayout:
+        """The cache's names, shape and dtype (genai_config.json; the dtype from the model's past input)."""
+        decoder = self.folder.decoder
+        names = decoder["inputs"]
+        import onnx
+        proto = onnx.load_model(str(self.path), load_external_data=False)
+        past = next(i for i in proto.graph.input if i.name == names["past_key_names"] % 0)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
+        outputs = decoder["outputs"]
+        return GraphLayout(past=(names["past_key_names"], names["past_value_names"]),
+                           present=(outputs["present_key_names"], outputs["present_value_names"]),
+                           kv_heads=int(decoder["num_key_value_heads"]), head_dim=int(decoder["head_size"]),
+                           dtype=np.dtype(dtype), n_ctx=self.n_ctx, shared=self.folder.shares_buffer,
+                           device=KV_DEVICES.get(BACKENDS[self.id].api, "cpu"), mask=names["attention_mask"],
+                           positions=names.get("position_ids", "position_ids"))
 
     # --- tokens (llama.cpp) ---
 
@@ -326,79 +346,128 @@ class OnnxBackend:
 
     @property
     def n_past(self) -> int:
-        return self._n_past
+        return self._stages[-1].n_past
 
     def decode(self, tokens: Sequence[int], logits_for: LogitsFor = "last") -> np.ndarray:
         wanted = output_indices(len(tokens), logits_for)
-        if self._n_past + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(self._n_past + len(tokens), self.n_ctx, "the sequence")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the sequence")
+        if len(self._stages) == 1:
+            feeds = {self._input_ids: np.array([tokens], np.int64)}
+        else:                                           # the lower half's states: reused where drafting ran it
+            reused = self._reuse(tokens)
+            hidden, residual = self._lower(tokens[reused:])
+            feeds = {HIDDEN: np.concatenate([self._ahead_rows(1)[:reused], hidden])[None],
+                     RESIDUAL: np.concatenate([self._ahead_rows(2)[:reused], residual])[None]}
+            self._ahead = []
         rows = []
         for start in range(0, len(tokens), self.n_batch):
-            chunk = list(tokens[start:start + self.n_batch])
-            outputs = [i - start for i in wanted if start <= i < start + len(chunk)]
-            logits = self._run(chunk, outputs)
+            n = min(self.n_batch, len(tokens) - start)
+            outputs = [i - start for i in wanted if start <= i < start + n]
+            logits = self._logits_run({k: v[:, start:start + n] for k, v in feeds.items()}, n, outputs)
             if outputs:
                 rows.append(logits)
         return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
 
-    def _run(self, tokens: list[int], outputs: list[int]) -> np.ndarray:
-        """One session run over ``tokens`` at n_past; logits (len(outputs), n_vocab) float32."""
-        n, past = len(tokens), self._n_past
+    def _logits_run(self, feeds: dict[str, np.ndarray], n: int, outputs: list[int]) -> np.ndarray:
+        """One run of the last stage over ``n`` positions; logits (len(outputs), n_vocab) float32."""
         keep = n - outputs[0] if outputs else 1
-        io = self._io if self._shared else self._binding()
-        io.bind_output(self._logits, "cpu")        # unallocated again: its shape changes between runs
-        io.bind_cpu_input(self._names["input_ids"], np.array([tokens], np.int64))
-        io.bind_cpu_input(self._names["attention_mask"], np.ones((1, past + n), np.int64))
-        if self._positions:
-            io.bind_cpu_input(self._positions, np.arange(past, past + n, dtype=np.int64)[None])
-        if self._keep:
-            io.bind_ortvalue_input(LOGITS_TO_KEEP, ort.OrtValue.ortvalue_from_numpy(np.array(keep, np.int64)))
-        try:
-            self._session.run_with_iobinding(io)
-        except Exception as exc:
-            raise OnnxRunError(str(self.path), str(exc).strip().splitlines()[0]) from None
-        values = io.get_outputs()
-        if not self._shared:
-            self._kv = [[values[1 + 2 * i], values[2 + 2 * i]] for i in range(len(self._past_names))]
-        self._n_past = past + n
-        logits = values[0].numpy()[0]                  # (keep or n, n_vocab)
+        values = self._stages[-1].run({**feeds, LOGITS_TO_KEEP: np.array(keep, np.int64)}, n, str(self.path))
+        logits = values[self._logits][0]                # (keep or n, n_vocab)
         first = n - logits.shape[0]
         return logits[[o - first for o in outputs]].astype(np.float32, copy=False)
 
-    def _binding(self) -> Any:
-        """A new IO binding with the outputs and the KV cache bound. Shared-buffer graphs keep one for the
-        session's life (their buffers never move; each run rebinds only ids, mask and logits_to_keep)."""
-        io = self._session.io_binding()
-        io.bind_output(self._logits, "cpu")        # first: get_outputs() follows the binding order
-        self._bind_cache(io)
-        return io
-
-    def _bind_cache(self, io: Any) -> None:
-        names = self.folder.decoder
-        for i, past_key in enumerate(self._past_names):
-            pasts = (past_key, names["inputs"]["past_value_names"] % i)
-            presents = (names["outputs"]["present_key_names"] % i, names["outputs"]["present_value_names"] % i)
-            for j in range(2):
-                if self._shared:          # one buffer for past and present: GQA appends at n_past in place
-                    io.bind_ortvalue_input(pasts[j], self._kv[i][j])
-                    io.bind_ortvalue_output(presents[j], self._kv[i][j])
-                else:
-                    io.bind_ortvalue_input(pasts[j], self._past_value(i, j))
-                    io.bind_output(presents[j], KV_DEVICES.get(BACKENDS[self.id].api, "cpu"))
-
-    def _past_value(self, layer: int, which: int) -> Any:
-        if self._kv and self._n_past:
-            return self._kv[layer][which]
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros((1, self._kv_heads, 0, self._head_dim), self._dtype))
-
     def truncate(self, n_past: int) -> bool:
-        if n_past >= self._n_past:
-            return True
-        if not self._shared and self._kv and n_past > 0:
-            self._kv = [[ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v.numpy()[:, :, :n_past]))
-                         for v in pair] for pair in self._kv]
-        self._n_past = max(n_past, 0)
+        """Drop cache entries at positions >= ``n_past`` (lower-half states run ahead included)."""
+        keep_ahead = max(n_past - self.n_past, 0)
+        del self._ahead[keep_ahead:]
+        for stage in self._stages:
+            stage.truncate(min(n_past, self.n_past + len(self._ahead)) if stage is self._stages[0] else n_past)
         return True
+
+    # --- the graph cut at a layer (early exit) ---
+
+    def split(self, exit_layer: int | None) -> None:
+        """Run the decoder as two sessions cut before layer ``exit_layer`` (``edgellm.converters.onnx.split``),
+        sharing model.onnx.data; None joins it again. The cache is emptied.
+
+        Raises ValueError for a layer outside 1..n_layers or a graph without a shared-buffer cache (GQA)."""
+        if exit_layer == self.exit_layer:
+            return
+        if exit_layer is not None and not self.folder.shares_buffer:
+            raise ValueError("splitting the graph needs GroupQueryAttention's shared KV buffers; this graph was "
+                             "exported with standard attention ops")
+        from edgellm.converters.onnx import split as cutting
+        import onnx
+
+        proto = onnx.load_model(str(self.path), load_external_data=False)
+        hidden_size = int(self.folder.decoder["hidden_size"])
+        halves = cutting.cut(proto, exit_layer, self.n_layers, hidden_size) if exit_layer is not None else None
+        self._close_stages()                        # one set of prepacked weights at a time
+        self.exit_layer, self._ahead = exit_layer, []
+        if halves is None:
+            self._stages = [self._stage(str(self.path), range(self.n_layers), "decoder")]
+            return
+        self._stages = [self._stage(halves.lower.SerializeToString(), range(exit_layer), "lower")]
+        self._stages.append(self._stage(halves.upper.SerializeToString(), range(exit_layer, self.n_layers), "upper"))
+        self._fill_graph = cutting.fill(proto, exit_layer, self.n_layers, hidden_size).SerializeToString() \
+            if exit_layer < self.n_layers else None
+
+    def lower(self, tokens: Sequence[int]) -> np.ndarray:
+        """Run the lower half alone on ``tokens`` after the states already run ahead; returns the residual
+        stream after ``exit_layer`` blocks, (len(tokens), hidden_size) float32. A later ``decode`` of the same
+        tokens reuses these states and the lower half's cache entries.
+
+        Raises ValueError when the graph is not split, ContextOverflowError past the context."""
+        if len(self._stages) != 2:
+            raise ValueError("lower() needs a split graph (split(exit_layer) first)")
+        start = self.n_past + len(self._ahead)
+        if start + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(start + len(tokens), self.n_ctx, "the draft")
+        hidden, residual = self._lower(tokens)
+        self._ahead.extend(zip(tokens, hidden, residual))
+        return hidden.astype(np.float32) + residual.astype(np.float32)
+
+    def fill(self) -> None:
+        """Commit the states run ahead without the upper half: the fill graph writes the upper layers' K/V from
+        the exit state (CALM). Positions advance as if the upper half had run them."""
+        if not self._ahead:
+            return
+        if self._fill_graph is not None:
+            if self._filler is None:              # bound to the upper half's buffers: it writes that cache
+                upper = self._stages[1]
+                self._filler = self._stage(self._fill_graph, upper.layers, "fill", upper.kv)
+            self._filler.n_past = self.n_past
+            self._filler.run({HIDDEN: self._ahead_rows(1)[None], RESIDUAL: self._ahead_rows(2)[None]},
+                             len(self._ahead), str(self.path))
+        self._stages[1].n_past += len(self._ahead)
+        self._ahead = []
+
+    def _reuse(self, tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` the states run ahead already hold; the rest of them are dropped."""
+        n = 0
+        while n < min(len(tokens), len(self._ahead)) and self._ahead[n][0] == tokens[n]:
+            n += 1
+        del self._ahead[n:]
+        self._stages[0].truncate(self.n_past + n)
+        return n
+
+    def _ahead_rows(self, field: int) -> np.ndarray:
+        if not self._ahead:
+            return np.empty((0, int(self.folder.decoder["hidden_size"])), self._graph.dtype)
+        return np.stack([a[field] for a in self._ahead])
+
+    def _lower(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """The lower half over ``tokens`` in prompt batches: (hidden, residual), each (len, hidden_size)."""
+        parts = []
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = np.array([tokens[start:start + self.n_batch]], np.int64)
+            out = self._stages[0].run({self._input_ids: chunk}, chunk.shape[1], str(self.path))
+            parts.append((out[HIDDEN][0], out[RESIDUAL][0]))
+        if not parts:
+            empty = np.empty((0, int(self.folder.decoder["hidden_size"])), self._graph.dtype)
+            return empty, empty
+        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
 
     # --- resources ---
 
@@ -407,9 +476,9 @@ class OnnxBackend:
         released first: two sessions would hold two prepacked copies of the weights (measured on Gemma 3 270M
         int4: a peak of 824 MiB during thread tuning instead of 502)."""
         if n_decode != self._threads[0]:
-            self._session = self._io = None
-            self._session = self._create_session(n_decode)
-            self._io = self._binding() if self._shared else None
+            self._threads = (n_decode, n_decode)
+            for stage in self._stages + ([self._filler] if self._filler else []):
+                stage.renew()
         self._threads = (n_decode, n_decode)
         if n_batch != n_decode:
             logger.debug("ONNX Runtime uses one thread pool: batch threads %d ignored, %d used", n_batch, n_decode)
@@ -421,11 +490,16 @@ class OnnxBackend:
     @property
     def provider(self) -> str:
         """The ONNX Runtime execution provider the session runs on (first of its active providers)."""
-        return self._session.get_providers()[0] if self._session is not None else self.choice.providers[0]
+        session = self._stages[0].session if self._stages else None
+        return session.get_providers()[0] if session is not None else self.choice.providers[0]
+
+    def _close_stages(self) -> None:
+        for stage in self._stages + ([self._filler] if self._filler else []):
+            stage.close()
+        self._stages, self._filler, self._fill_graph = [], None, None
 
     def close(self) -> None:
-        self._session = self._io = None
-        self._kv = []
+        self._close_stages()
         if self._vocab is not None:
             self._vocab.close()
             self._vocab = None
