@@ -104,8 +104,7 @@ class SplitDraft:
         return out
 
     def close(self) -> None:
-        if self.backend.exit_layer is not None and getattr(self.backend, "_stages", None):
-            self.backend.split(None)
+        self.backend.split(None)            # the whole graph again (nothing when the backend is closed)
 
 
 class OnnxConfidence:

@@ -389,10 +389,10 @@ class OnnxBackend:
 
     def split(self, exit_layer: int | None) -> None:
         """Run the decoder as two sessions cut before layer ``exit_layer`` (``edgellm.converters.onnx.split``),
-        sharing model.onnx.data; None joins it again. The cache is emptied.
+        sharing model.onnx.data; None joins it again. The cache is emptied; a closed backend stays closed.
 
         Raises ValueError for a layer outside 1..n_layers or a graph without a shared-buffer cache (GQA)."""
-        if exit_layer == self.exit_layer:
+        if exit_layer == self.exit_layer or not self._stages:
             return
         if exit_layer is not None and not self.folder.shares_buffer:
             raise ValueError("splitting the graph needs GroupQueryAttention's shared KV buffers; this graph was "

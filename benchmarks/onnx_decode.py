@@ -8,7 +8,7 @@ Every case runs in its own process (peak RSS is a per-process high-water mark) w
 thread count and context; cases are interleaved over ``--rounds`` rounds and the best decode speed of each
 is kept (other load on the machine only ever slows a run down). Prints a Markdown table (``--json``: JSON).
 
-    python benchmarks/onnx.py [--checkpoint DIR] [--work DIR] [--threads N] [--rounds 3] [--json]
+    python benchmarks/onnx_decode.py [--checkpoint DIR] [--work DIR] [--threads N] [--rounds 3] [--json]
 """
 
 from __future__ import annotations
@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-# Run as a script, this file's folder comes first on sys.path and its name would shadow the onnx package.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 # case -> (artifact it runs, what the row is called)
 CASES: dict[str, tuple[str, str]] = {
