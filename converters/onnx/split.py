@@ -30,7 +30,6 @@ from edgellm.converters.onnx import decoder, quant
 
 HIDDEN, RESIDUAL = "exit.hidden", "exit.residual"     # the cut tensors' names in the halves
 FINAL_NORM = "/model/norm/"                           # the node after the last layer (decoder._head)
-ATTENTION_OUT = "/attn/o_proj/"                       # where an upper layer's attention output leaves it
 
 
 @dataclass(frozen=True)

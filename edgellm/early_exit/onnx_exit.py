@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import numpy as np
@@ -20,8 +19,6 @@ import numpy as np
 from edgellm.early_exit.confidence import ExitCounters
 from edgellm.early_exit.heads import ExitHead, OutputWeights, fit_affine, probability_margin, reduced_head
 from edgellm.runtime.base import LogitsFor, output_indices
-
-logger = logging.getLogger(__name__)
 
 
 def output_weights(backend: Any, ids: np.ndarray) -> OutputWeights:

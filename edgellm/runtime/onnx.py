@@ -33,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgellm.backends import BACKENDS, BY_ORT_PROVIDER
-from edgellm.errors import ContextOverflowError, ModelLoadError, OnnxRunError
+from edgellm.errors import ContextOverflowError, ModelLoadError
 from edgellm.runtime.base import LogitsFor, default_n_ctx, output_indices
 from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, GraphLayout, Stage
 
