@@ -210,11 +210,12 @@ def test_onnx_runtime_tunes_a_tiny_context_and_rebuilds_the_session(tiny_checkpo
     convert_onnx(tiny_checkpoint("llama"), folder, "fp32")
     created = []
     make = OnnxBackend._create_session
-    monkeypatch.setattr(OnnxBackend, "_create_session", lambda self, n: created.append(n) or make(self, n))
+    monkeypatch.setattr(OnnxBackend, "_create_session",
+                        lambda self, model: created.append(self._threads[0]) or make(self, model))
     monkeypatch.setattr(threads, "core_counts", lambda: CoreCounts(physical=2, logical=2, performance=2))
     with Runtime.load(folder, n_ctx=8) as rt:                    # timing runs of 16+ tokens would overflow
         assert rt.info.threads_source == "tuned" and rt.info.n_threads == rt.info.n_threads_batch
         assert rt.backend.n_past == 0 and set(created) == {1, 2}     # a session per count tried
-        session = rt.backend._session.get_session_options()
+        session = rt.backend._stages[0].session.get_session_options()
         assert session.intra_op_num_threads == rt.info.n_threads
         assert len(rt.generate("Hi", max_tokens=3).tokens) >= 1
