@@ -156,7 +156,8 @@ def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, 
         except ValueError as exc:
             problem = str(exc)
     why = ("the calibration chose it" if chosen == "prompt-lookup" else
-           f"self-drafting is unavailable: {problem}" if problem else "no exit head in the bundle")
+           f"{'the shared draft' if llama else 'self-drafting'} is unavailable: {problem}" if problem else
+           "no exit head in the bundle")
     return PromptLookup(), f"{why}: drafting with prompt lookup (n-grams from the context), k={k}"
 
 
