@@ -214,18 +214,10 @@ def _speed_grid(backend, heads: list[ExitHead], rates: list[float], ks: Sequence
         if rate > best.get(head.exit_layer, (-1.0, None))[0]:
             best[head.exit_layer] = (rate, head)
     for _, head in best.values():
-        try:
-            draft = _self_draft(backend, head)
-        except ValueError as exc:                    # an ONNX graph that cannot be cut
-            logger.info("self-draft not measured: %s", exc)
+        measured = _draft_rows(backend, _self_draft, "self", head, ks, max_tokens)
+        if measured is None:                         # an ONNX graph that cannot be cut
             break
-        try:
-            for k in ks:
-                tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
-                rows.append({"mode": "lossless", "draft": "self", "exit_layer": head.exit_layer,
-                             "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
-        finally:
-            draft.close()
+        rows += measured
     for k in ks:
         tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, PromptLookup(), k)
         rows.append({"mode": "lossless", "draft": "prompt-lookup", "k": k, "tok_s": tok_s, "acceptance": acc})
@@ -238,18 +230,29 @@ def _shared_grid(backend, heads: list[ExitHead], ks: Sequence[int], max_tokens: 
 
     rows = []
     for head in (h for h in heads if h.full_depth):
-        try:
-            draft = SharedDraft(backend, head)
-        except ValueError as exc:
-            logger.info("shared draft not measured: %s", exc)
+        measured = _draft_rows(backend, SharedDraft, "shared", head, ks, max_tokens)
+        if measured is None:
             return rows
-        try:
-            for k in ks:
-                tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
-                rows.append({"mode": "lossless", "draft": "shared", "exit_layer": head.exit_layer,
-                             "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
-        finally:
-            draft.close()
+        rows += measured
+    return rows
+
+
+def _draft_rows(backend, make, name: str, head: ExitHead, ks: Sequence[int], max_tokens: int) -> list[dict] | None:
+    """Decode speed of the draft ``make(backend, head)`` for each k (closed afterwards); None, logged, when it
+    cannot be built (ValueError)."""
+    try:
+        draft = make(backend, head)
+    except ValueError as exc:
+        logger.info("%s draft not measured: %s", name, exc)
+        return None
+    rows = []
+    try:
+        for k in ks:
+            tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, draft, k)
+            rows.append({"mode": "lossless", "draft": name, "exit_layer": head.exit_layer,
+                         "vocab_size": head.vocab_size, "k": k, "tok_s": tok_s, "acceptance": acc})
+    finally:
+        draft.close()
     return rows
 
 
