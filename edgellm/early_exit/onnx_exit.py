@@ -23,12 +23,9 @@ from edgellm.runtime.base import LogitsFor, output_indices
 
 def output_weights(backend: Any, ids: np.ndarray) -> OutputWeights:
     """The output rows ``ids`` and final norm of the backend's ONNX graph (see ``split.head_weights``)."""
-    import onnx
-
     from edgellm.converters.onnx.split import head_weights
 
-    proto = onnx.load_model(str(backend.path), load_external_data=False)
-    got = head_weights(proto, backend.folder.root, ids)
+    got = head_weights(backend.folder.graph, backend.folder.root, ids)
     return OutputWeights(got.rows, got.norm_weight, got.norm_eps, got.softcap, backend.n_layers)
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -164,6 +164,7 @@ class Folder:
     model: Path
     config: dict[str, Any]       # genai_config.json
     metadata: dict[str, str]     # model.onnx metadata_props
+    graph: Any = field(repr=False, compare=False)   # onnx.ModelProto, weights left in model.onnx.data
 
     @property
     def decoder(self) -> dict[str, Any]:
@@ -198,10 +199,10 @@ def open_folder(path: str | Path) -> Folder:
         model = path
     if not model.is_file():
         raise ModelLoadError(str(model), "no such file")
-    import onnx     # only the graph's metadata; external weights are not loaded
+    import onnx     # the graph only: external weights are not loaded
     proto = onnx.load_model(str(model), load_external_data=False)
     metadata = {p.key: p.value for p in proto.metadata_props}
-    return Folder(root, model, config, metadata)
+    return Folder(root, model, config, metadata, proto)
 
 
 # --- the backend ---
@@ -317,8 +318,7 @@ class OnnxBackend:
         decoder = self.folder.decoder
         names = decoder["inputs"]
         import onnx
-        proto = onnx.load_model(str(self.path), load_external_data=False)
-        past = next(i for i in proto.graph.input if i.name == names["past_key_names"] % 0)
+        past = next(i for i in self.folder.graph.graph.input if i.name == names["past_key_names"] % 0)
         dtype = onnx.helper.tensor_dtype_to_np_dtype(past.type.tensor_type.elem_type)
         outputs = decoder["outputs"]
         return GraphLayout(past=(names["past_key_names"], names["past_value_names"]),
@@ -398,9 +398,8 @@ class OnnxBackend:
             raise ValueError("splitting the graph needs GroupQueryAttention's shared KV buffers; this graph was "
                              "exported with standard attention ops")
         from edgellm.converters.onnx import split as cutting
-        import onnx
 
-        proto = onnx.load_model(str(self.path), load_external_data=False)
+        proto = self.folder.graph
         hidden_size = int(self.folder.decoder["hidden_size"])
         halves = cutting.cut(proto, exit_layer, self.n_layers, hidden_size) if exit_layer is not None else None
         self._close_stages()                        # one set of prepacked weights at a time
