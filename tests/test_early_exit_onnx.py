@@ -13,7 +13,7 @@ import pytest
 
 from edgellm import bundle as bundles
 from edgellm.converters.onnx import convert_onnx
-from edgellm.converters.onnx.split import cut, head_weights
+from edgellm.converters.onnx.split import boundary, cut, head_weights
 from edgellm.early_exit import onnx_exit
 from edgellm.early_exit.attach import MANIFEST_KEY
 from edgellm.early_exit.calibrate import HEAD_FILE, calibrate, decode_speed, windows_of
@@ -68,19 +68,49 @@ def test_split_graph_equals_the_whole_graph(variant, exported):
         backend.close()
 
 
-def test_the_halves_share_the_weights_file_and_partition_the_cache(exported):
+def test_the_parts_share_the_weights_file_and_partition_the_cache(exported):
     folder = exported("llama")
     proto = onnx.load_model(str(folder / "model.onnx"), load_external_data=False)
-    halves = cut(proto, 1, 2, 64)
-    lower_out = {o.name for o in halves.lower.graph.output}
-    upper_in = {i.name for i in halves.upper.graph.input}
-    assert {"present.0.key", "exit.hidden", "exit.residual"} <= lower_out and "present.1.key" not in lower_out
-    assert {"past_key_values.1.key", "exit.hidden"} <= upper_in and "input_ids" not in upper_in
-    external = {e.value for part in (halves.lower, halves.upper) for t in part.graph.initializer
+    parts = cut(proto, 1, 2, 64)
+    lower_out = {o.name for o in parts.lower.graph.output}
+    middle_in = {i.name for i in parts.middle.graph.input}
+    middle_out = {o.name for o in parts.middle.graph.output}
+    head_in = {i.name for i in parts.head.graph.input}
+    assert {"present.0.key", *boundary(1)} <= lower_out and "present.1.key" not in lower_out
+    assert {"past_key_values.1.key", *boundary(1)} <= middle_in and "input_ids" not in middle_in
+    assert {"present.1.key", *boundary(2)} <= middle_out and "logits" not in middle_out
+    assert set(boundary(2)) <= head_in and not any(n.startswith("past") for n in head_in)
+    external = {e.value for part in (parts.lower, parts.middle, parts.head) for t in part.graph.initializer
                 for e in t.external_data if e.key == "location"}
     assert external == {"model.onnx.data"}
+    whole = cut(proto, 2, 2, 64)                 # at the final norm: no middle, the lower part runs every layer
+    assert whole.middle is None and "present.1.key" in {o.name for o in whole.lower.graph.output}
     with pytest.raises(ValueError, match="outside"):
         cut(proto, 3, 2, 64)
+
+
+@pytest.mark.parametrize("variant", ["llama", "gemma3_text"])
+def test_verification_computes_what_one_token_steps_compute(variant, exported):
+    backend = OnnxBackend.load(exported(variant), n_ctx=64, n_threads=THREADS)
+    try:
+        backend.decode(IDS[:4])
+        plain = np.concatenate([backend.decode([t]) for t in IDS[4:]])
+        for layer in range(1, backend.n_layers + 1):
+            backend.split(layer)
+            backend.decode(IDS[:4])
+            for t in IDS[4:6]:                   # drafted ahead one at a time: reused
+                backend.lower([t])
+            rows = backend.verify(IDS[4:])
+            assert backend.n_past == len(IDS)
+            if backend._split.head_exact:
+                assert np.array_equal(rows, plain), layer
+            else:                                # a float head: a few ulps, never on the greedy token
+                np.testing.assert_allclose(rows, plain, rtol=1e-5, atol=1e-5)
+                assert np.array_equal(rows.argmax(1), plain.argmax(1))
+    finally:
+        backend.close()
+    with pytest.raises(ValueError, match="split"):
+        backend.verify(IDS[:1])
 
 
 def test_lower_states_are_reused_and_equal_recomputation(exported):
@@ -204,3 +234,39 @@ def test_confidence_exit_and_calibration_on_an_onnx_bundle(exported, tmp_path):
     with Runtime.load(folder, n_ctx=128, n_threads=THREADS, early_exit="confidence:1") as rt:
         assert rt.generate("one two three", max_tokens=10).tokens == plain     # a margin of 1 is never reached
         assert rt.backend.counters.exits == 0 and rt.backend.counters.steps > 0
+
+
+GEMMA_PROMPTS = ("The capital of France is", "def add(a, b):\n    return", "List three colours: red,",
+                 "Water boils at a temperature of", "Once upon a time", "The three laws of motion are",
+                 "1, 1, 2, 3, 5, 8,", "Dear hiring manager,")
+
+
+@pytest.mark.gemma
+@pytest.mark.slow
+def test_gemma_int4_drafts_keep_plain_greedy_output_token_for_token(gemma_checkpoint, tmp_path):
+    """Gemma 3 270M int4: verification runs the blocks one token at a time and the 262k-row int8 head (whose
+    batched kernel rounds differently from its one-row kernel) computes near ties again alone, so every draft,
+    below full depth too, keeps plain greedy output exactly."""
+    from edgellm.converters.imatrix import default_calibration_text
+
+    convert_onnx(gemma_checkpoint, tmp_path / "int4", "int4")
+    backend = OnnxBackend.load(tmp_path / "int4", n_ctx=512, n_threads=2)
+    try:
+        tokens = backend.tokenize(default_calibration_text(), add_special=False)
+        ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
+        ranked = rank_vocab(tokens, backend.n_vocab, ends)
+        heads = onnx_exit.fit_heads(backend, windows_of(tokens[:2048]), ranked, [(12, 4096), (18, 4096)], 1e-4)
+        _, _, plain = decode_speed(backend, GEMMA_PROMPTS, 40)
+        drafts = [lambda h=h: onnx_exit.SplitDraft(backend, h) for h in heads]
+        drafts.append(lambda: onnx_exit.SplitLookup(backend))
+        for make in drafts:
+            draft = make()
+            assert not draft.backend._split.head_exact      # the near-tie path is the one exercised
+            try:
+                _, accepted, got = decode_speed(backend, GEMMA_PROMPTS, 40, draft, 4)
+            finally:
+                draft.close()
+            assert got == plain, backend.exit_layer
+            assert accepted > 0.1
+    finally:
+        backend.close()

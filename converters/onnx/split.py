@@ -1,19 +1,22 @@
 """Cutting an exported decoder graph at a layer, for early exit: the graph is not re-exported, its nodes are
 partitioned, and every part points at the same ``model.onnx.data`` (no weight byte is copied).
 
-``cut(model, E)`` returns the two halves of one decoder step:
+``cut(model, E)`` returns the parts of one decoder step, cut before layer E and before the final norm:
 
-    lower   input_ids, attention_mask, [position_ids], past 0..E-1  ->  hidden, residual, present 0..E-1
-    upper   hidden, residual, attention_mask, [position_ids], past E..L-1, [logits_to_keep]
-                                                                      ->  logits, present E..L-1
+    lower   input_ids, attention_mask, [position_ids], past 0..E-1  ->  boundary(E), present 0..E-1
+    middle  boundary(E), attention_mask, [position_ids], past E..L-1  ->  boundary(L), present E..L-1
+    head    boundary(L), [logits_to_keep]  ->  logits                  (final norm and output projection)
 
-``hidden`` and ``residual`` are the two inputs of layer E's first node (its skip norm, which adds them), so
-the upper half runs exactly the nodes the whole graph runs after them; their sum is the residual stream
-after E blocks. ``fill(model, E)`` is the third part CALM's early exit needs: from layer E's input alone,
-every upper layer's K and V projections (its input norm, QKV projection, Q/K norms and RoPE, and the
-attention op that appends them to the cache), so a token that exits at E still leaves the upper layers'
-cache entries later tokens attend to (Schuster et al. 2022, "Confident Adaptive Language Modeling" 3.3).
-``head_weights`` reads the output projection's rows and the final norm, for exit heads computed in numpy.
+(no middle when E == L). ``boundary(i)`` names the two inputs of layer i's first node (its skip norm, which
+adds them), so each part runs exactly the nodes the whole graph runs after them; their sum is the residual
+stream after i blocks. The head is a part of its own so a verifier can run the blocks one row at a time, as
+one-token decoding does (ONNX Runtime's attention rounds a batch of rows differently from one row), and the
+output head, whose rows are independent, once over all of them. ``fill(model, E)`` is the part CALM's early
+exit needs: from layer E's input alone, every upper layer's K and V projections (its input norm, QKV
+projection, Q/K norms and RoPE, and the attention op that appends them to the cache), so a token that exits
+at E still leaves the upper layers' cache entries later tokens attend to (Schuster et al. 2022, "Confident
+Adaptive Language Modeling" 3.3). ``head_weights`` reads the output projection's rows and the final norm, for
+exit heads computed in numpy.
 """
 
 from __future__ import annotations
@@ -28,14 +31,19 @@ from onnx import helper, numpy_helper
 
 from edgellm.converters.onnx import decoder, quant
 
-HIDDEN, RESIDUAL = "exit.hidden", "exit.residual"     # the cut tensors' names in the halves
 FINAL_NORM = "/model/norm/"                           # the node after the last layer (decoder._head)
 
 
+def boundary(layer: int) -> tuple[str, str]:
+    """The names of the two tensors (hidden, residual) passed between parts cut before ``layer``."""
+    return f"cut.{layer}.hidden", f"cut.{layer}.residual"
+
+
 @dataclass(frozen=True)
-class Halves:
+class Parts:
     lower: onnx.ModelProto
-    upper: onnx.ModelProto
+    middle: onnx.ModelProto | None        # None when the cut is at the final norm
+    head: onnx.ModelProto
     exit_layer: int
 
 
@@ -52,28 +60,28 @@ def layer_input_node(model: onnx.ModelProto, layer: int, n_layers: int) -> onnx.
     raise ValueError(f"no node {prefix}* with two inputs: not a decoder graph exported by edgellm")
 
 
-def cut(model: onnx.ModelProto, exit_layer: int, n_layers: int, hidden_size: int) -> Halves:
-    """The lower and upper halves of ``model`` cut before layer ``exit_layer`` (see the module docstring).
+def cut(model: onnx.ModelProto, exit_layer: int, n_layers: int, hidden_size: int) -> Parts:
+    """The parts of ``model`` cut before layer ``exit_layer`` and before the final norm (module docstring).
 
     Raises ValueError for a layer outside 1..n_layers or a graph edgellm did not export."""
-    start = layer_input_node(model, exit_layer, n_layers)
-    hidden, residual = start.input[0], start.input[1]
-    io = _io_type(model)
-    cut_info = [helper.make_tensor_value_info(name, io, ["batch_size", "sequence_length", hidden_size])
-                for name in (HIDDEN, RESIDUAL)]
-    lower_outputs = [decoder.PRESENT_KEY % i for i in range(exit_layer)] + \
-                    [decoder.PRESENT_VALUE % i for i in range(exit_layer)]
-    lower = _part(model, "lower", _ordered(model, lower_outputs), rename={hidden: HIDDEN, residual: RESIDUAL},
-                  extra_outputs=cut_info)
-    upper_outputs = [decoder.LOGITS] + _ordered(model, [decoder.PRESENT_KEY % i for i in range(exit_layer, n_layers)]
-                                                + [decoder.PRESENT_VALUE % i for i in range(exit_layer, n_layers)])
-    upper = _part(model, "upper", upper_outputs, rename={hidden: HIDDEN, residual: RESIDUAL}, extra_inputs=cut_info)
-    return Halves(lower, upper, exit_layer)
+    rename: dict[str, str] = {}
+    for layer in {exit_layer, n_layers}:
+        node = layer_input_node(model, layer, n_layers)
+        rename.update(zip(node.input[:2], boundary(layer)))
+    exit_info, final_info = _boundary_info(model, exit_layer, hidden_size), _boundary_info(model, n_layers,
+                                                                                             hidden_size)
+    lower = _part(model, "lower", _presents(model, range(exit_layer)), rename=rename, extra_outputs=exit_info)
+    middle = None
+    if exit_layer < n_layers:
+        middle = _part(model, "middle", _presents(model, range(exit_layer, n_layers)), rename=rename,
+                       extra_inputs=exit_info, extra_outputs=final_info)
+    head = _part(model, "head", [decoder.LOGITS], rename=rename, extra_inputs=final_info)
+    return Parts(lower, middle, head, exit_layer)
 
 
 def fill(model: onnx.ModelProto, exit_layer: int, n_layers: int, hidden_size: int) -> onnx.ModelProto:
-    """Layers ``exit_layer``..L-1's K/V from layer ``exit_layer``'s input (HIDDEN, RESIDUAL) alone: each upper
-    layer's input norm reads the exit state instead of the layer below. Outputs: present E..L-1.
+    """Layers ``exit_layer``..L-1's K/V from layer ``exit_layer``'s input (``boundary(exit_layer)``) alone:
+    each upper layer's input norm reads the exit state instead of the layer below. Outputs: present E..L-1.
 
     Raises ValueError as ``cut`` does, or when ``exit_layer == n_layers`` (nothing to fill)."""
     if exit_layer >= n_layers:
@@ -81,15 +89,22 @@ def fill(model: onnx.ModelProto, exit_layer: int, n_layers: int, hidden_size: in
     rename = {}
     for i in range(exit_layer, n_layers):
         node = layer_input_node(model, i, n_layers)
-        rename[node.input[0]], rename[node.input[1]] = HIDDEN, RESIDUAL
-    io = _io_type(model)
-    cut_info = [helper.make_tensor_value_info(name, io, ["batch_size", "sequence_length", hidden_size])
-                for name in (HIDDEN, RESIDUAL)]
-    presents = _ordered(model, [decoder.PRESENT_KEY % i for i in range(exit_layer, n_layers)]
-                        + [decoder.PRESENT_VALUE % i for i in range(exit_layer, n_layers)])
+        rename.update(zip(node.input[:2], boundary(exit_layer)))
     # the attention op's first output (the attended values) goes nowhere: ORT still computes it, over the
     # current tokens only, which costs far less than the o_proj and MLP the fill skips
-    return _part(model, "fill", presents, rename=rename, extra_inputs=cut_info, by_layer_input=True)
+    return _part(model, "fill", _presents(model, range(exit_layer, n_layers)), rename=rename,
+                 extra_inputs=_boundary_info(model, exit_layer, hidden_size), by_layer_input=True)
+
+
+def _boundary_info(model: onnx.ModelProto, layer: int, hidden_size: int) -> list[onnx.ValueInfoProto]:
+    io = _io_type(model)
+    return [helper.make_tensor_value_info(name, io, ["batch_size", "sequence_length", hidden_size])
+            for name in boundary(layer)]
+
+
+def _presents(model: onnx.ModelProto, layers: Iterable[int]) -> list[str]:
+    layers = list(layers)
+    return _ordered(model, [decoder.PRESENT_KEY % i for i in layers] + [decoder.PRESENT_VALUE % i for i in layers])
 
 
 def _io_type(model: onnx.ModelProto) -> int:

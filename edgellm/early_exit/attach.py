@@ -158,7 +158,21 @@ def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, 
     why = ("the calibration chose it" if chosen == "prompt-lookup" else
            f"{'the shared draft' if llama else 'self-drafting'} is unavailable: {problem}" if problem else
            "no exit head in the bundle")
-    return PromptLookup(), f"{why}: drafting with prompt lookup (n-grams from the context), k={k}"
+    lookup, how = prompt_lookup(backend)
+    return lookup, f"{why}: drafting with prompt lookup (n-grams from the context), k={k}, {how}"
+
+
+def prompt_lookup(backend: Any) -> tuple[Draft, str]:
+    """Prompt lookup for ``backend`` and how its guesses are verified: on an ONNX graph that can be cut, one
+    token at a time through the blocks and the output head at once (exact); else in one batched decode."""
+    if not is_llama_cpp(backend) and hasattr(backend, "split"):
+        from edgellm.early_exit.onnx_exit import SplitLookup
+
+        try:
+            return SplitLookup(backend), "verified through the blocks one token at a time, the head at once"
+        except ValueError as exc:
+            return PromptLookup(), f"verified in one batched decode ({exc})"
+    return PromptLookup(), "verified in one batched decode"
 
 
 def default_head(backend: Any, vocab_size: int = DEFAULT_VOCAB) -> ExitHead:

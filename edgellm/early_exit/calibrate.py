@@ -18,9 +18,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgellm.early_exit.attach import is_llama_cpp, token_source
+from edgellm.early_exit.attach import is_llama_cpp, prompt_lookup, token_source
 from edgellm.early_exit.capture import capture
-from edgellm.early_exit.draft import Draft, PromptLookup, SelfDraft
+from edgellm.early_exit.draft import Draft, SelfDraft
 from edgellm.early_exit.heads import (ExitHead, fit_affine, rank_vocab, read_output_weights, reduced_head,
                                       save_head)
 from edgellm.early_exit.speculative import DraftCounters
@@ -218,9 +218,13 @@ def _speed_grid(backend, heads: list[ExitHead], rates: list[float], ks: Sequence
         if measured is None:                         # an ONNX graph that cannot be cut
             break
         rows += measured
-    for k in ks:
-        tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, PromptLookup(), k)
-        rows.append({"mode": "lossless", "draft": "prompt-lookup", "k": k, "tok_s": tok_s, "acceptance": acc})
+    lookup, _ = prompt_lookup(backend)
+    try:
+        for k in ks:
+            tok_s, acc, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens, lookup, k)
+            rows.append({"mode": "lossless", "draft": "prompt-lookup", "k": k, "tok_s": tok_s, "acceptance": acc})
+    finally:
+        lookup.close()
     return rows
 
 

@@ -2,6 +2,8 @@
 
 Every source implements ``Draft``: ``propose(context, k)`` returns up to k token ids that may follow
 ``context`` (all tokens so far, including the one just sampled). Returning fewer (even none) is allowed.
+A source may also offer ``verify(tokens)``: the full model's logits for ``tokens`` appended to the cache,
+computed as one-token decode steps compute them (``speculative.py`` uses it instead of a batched decode).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Early exit on the ONNX backend, through the decoder graph cut at the exit layer (``OnnxBackend.split``).
 
-* ``SplitDraft`` (lossless): the lower half drafts one token at a time (its cache entries and exit states
-  are those of plain decoding, computed once); verification runs only the upper half over the k + 1 states
-  (``OnnxBackend.decode`` reuses what the lower half ran ahead).
+* ``SplitDraft`` (lossless): the lower part drafts one token at a time (its cache entries and exit states
+  are those of plain decoding, computed once); verification (``OnnxBackend.verify``) reuses them, runs the
+  upper layers one token at a time and the output head once over the k + 1 states. ``SplitLookup``: prompt
+  lookup verified the same way on the graph cut before the final norm.
 * ``OnnxConfidence`` (lossy, CALM): each one-token step runs the lower half; when the exit head's margin
   passes the threshold, the fill graph writes the upper layers' K/V from the exit state and the reduced
   head's logits are returned; otherwise the upper half runs as usual.
@@ -17,6 +18,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from edgellm.early_exit.confidence import ExitCounters
+from edgellm.early_exit.draft import PromptLookup
 from edgellm.early_exit.heads import ExitHead, OutputWeights, fit_affine, probability_margin, reduced_head
 from edgellm.runtime.base import LogitsFor, output_indices
 
@@ -97,8 +99,29 @@ class SplitDraft:
                 break
         return out
 
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        """The full model's logits for ``tokens``, as one-token steps compute them (``OnnxBackend.verify``)."""
+        return self.backend.verify(tokens)
+
     def close(self) -> None:
         self.backend.split(None)            # the whole graph again (nothing when the backend is closed)
+
+
+class SplitLookup(PromptLookup):
+    """Prompt lookup on the ONNX graph cut before the final norm, so verification runs the blocks one token at
+    a time, as plain decoding does, and only the output head over all the guesses (``OnnxBackend.verify``):
+    greedy output is plain decoding's token for token."""
+
+    def __init__(self, backend: Any) -> None:
+        super().__init__()
+        backend.split(backend.n_layers)                  # raises ValueError where the graph cannot be cut
+        self.backend = backend
+
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.backend.verify(tokens)
+
+    def close(self) -> None:
+        self.backend.split(None)
 
 
 class OnnxConfidence:

@@ -26,12 +26,11 @@ from edgellm.early_exit.heads import ExitHead
 from edgellm.early_exit.output_head import OutputHead
 from edgellm.early_exit.speculative import DEFAULT_K, DraftCounters, choose
 from edgellm.early_exit.tap import FINAL_NAME, Tap
+from edgellm.runtime.base import near_ties
 from edgellm.runtime.generate import cache_guard
 from edgellm.runtime.sampling import Sampler
 
 logger = logging.getLogger(__name__)
-
-TIE_BOUND = 1e-4     # relative top-2 gap under which a row is recomputed alone where batching rounds differently
 
 
 class SharedDraft:
@@ -105,9 +104,7 @@ class SharedDraft:
         greedy token is always the one plain decoding picks."""
         rows = self.full.logits(hidden)
         if not self.batch_exact and len(rows) > 1:
-            top2 = np.partition(rows, -2, axis=1)[:, -2:]
-            close = np.flatnonzero(top2[:, 1] - top2[:, 0] <= TIE_BOUND * (np.abs(top2[:, 1]) + 1.0))
-            for i in close:
+            for i in near_ties(rows):
                 rows[i] = self.full.logits(hidden[i:i + 1])[0]
         return rows
 

@@ -1,8 +1,10 @@
-"""Draft and verify on any Backend: the draft proposes k tokens, the full model scores them in one
-``decode(..., "all")`` call, the longest agreeing prefix and the full model's own next token are kept, and
-the rejected tail is cut from the KV cache with ``truncate``.
+"""Draft and verify on any Backend: the draft proposes k tokens, the full model scores them (the draft's own
+``verify`` where it has one, else one ``decode(..., "all")`` call), the longest agreeing prefix and the full
+model's own next token are kept, and the rejected tail is cut from the KV cache with ``truncate``.
 
-Greedy: each kept token is the full model's argmax, so the output equals plain greedy decoding. Sampling:
+Greedy: each kept token is the full model's argmax, so the output equals plain greedy decoding: bit for bit
+where the draft's ``verify`` computes rows as one-token steps do; with a batched decode, up to the engine's
+batched kernels rounding a near tie the other way. Sampling:
 standard speculative acceptance (Leviathan et al. 2023, Chen et al. 2023): accept a draft token d with
 probability min(1, p(d)/q(d)), otherwise draw from norm(max(p - q, 0)); a deterministic draft has q one-hot.
 The kept tokens are then distributed exactly as the full model's samples.
@@ -87,6 +89,7 @@ def speculative_tokens(backend: Backend, cached: list[int], logits: np.ndarray, 
     in the middle of a round.
     """
     counters = counters if counters is not None else DraftCounters()
+    verify = getattr(draft, "verify", None) or (lambda tokens: backend.decode(tokens, "all"))
     token = sampler(logits, history)
     while True:
         history.append(token)
@@ -94,7 +97,7 @@ def speculative_tokens(backend: Backend, cached: list[int], logits: np.ndarray, 
         room = backend.n_ctx - backend.n_past - 1       # verification decodes the pending token and the drafts
         proposal = draft.propose(history, min(k, room))[:max(room, 0)] if room > 0 else []
         with cache_guard(backend, cached):
-            rows = backend.decode([token] + proposal, "all")      # (1 + len(proposal), n_vocab)
+            rows = verify([token] + proposal)                      # (1 + len(proposal), n_vocab)
         cached.extend([token] + proposal)
         counters.rounds += 1
         counters.drafted += len(proposal)

@@ -15,6 +15,9 @@ from typing import Literal, Mapping, Protocol, Sequence, Union, runtime_checkabl
 import numpy as np
 
 DEFAULT_N_CTX = 4096    # context in tokens when neither caller nor bundle sets one (capped at the training length)
+# relative top-2 gap under which a logits row computed in a batch is computed again alone, where the engine's
+# batched kernel rounds differently from its one-row kernel (a few ulps: measured up to 2e-5 relative)
+TIE_BOUND = 1e-4
 
 # Which positions of a decode call get logits: the last one, all of them, or these indices into the call.
 LogitsFor = Union[Literal["last", "all"], Sequence[int]]
@@ -46,6 +49,15 @@ def output_indices(n_tokens: int, logits_for: LogitsFor) -> list[int]:
     if wanted and (wanted[0] < 0 or wanted[-1] >= n_tokens):
         raise ValueError(f"logits_for indices {wanted} fall outside the {n_tokens} tokens decoded")
     return wanted
+
+
+def near_ties(rows: np.ndarray, bound: float = TIE_BOUND) -> np.ndarray:
+    """Indices of the (n, n_vocab) ``rows`` whose top two logits are within ``bound`` (relative) of each other:
+    the rows whose greedy token a few ulps of rounding could change."""
+    if rows.shape[0] == 0 or rows.shape[1] < 2:
+        return np.empty(0, np.int64)
+    top2 = np.partition(rows, -2, axis=1)[:, -2:]
+    return np.flatnonzero(top2[:, 1] - top2[:, 0] <= bound * (np.abs(top2[:, 1]) + 1.0))
 
 
 def default_n_ctx(n_ctx_train: int) -> int:

@@ -7,10 +7,11 @@
   drops while creating the session falls back to the CPU, logged and kept in ``provider_note``.
 * Sessions and KV cache: ``onnx_stages.Stage`` (a preallocated buffer per layer shared by past and present for
   GroupQueryAttention graphs, so ``truncate`` only moves ``n_past``; Concat graphs feed present as next past).
-* Early exit: ``split(E)`` runs the graph cut before layer E (``edgellm.converters.onnx.split``) as two
-  stages on the same weights file; ``lower(tokens)`` runs the lower half ahead for drafting (the exit state
-  comes back), and ``decode`` reuses those states and cache entries instead of recomputing them; ``fill()``
-  commits them without the upper half (CALM: the upper layers' K/V from the exit state).
+* Early exit: ``split(E)`` runs the graph cut before layer E and before the final norm
+  (``edgellm.runtime.onnx_split``) as stages on the same weights file; ``lower(tokens)`` runs the lower part
+  ahead for drafting (the exit state comes back), ``decode`` and ``verify`` reuse those states and cache
+  entries instead of recomputing them (``verify``: the blocks one row at a time, as plain decoding, the head
+  over all rows); ``fill()`` commits them without the upper layers (CALM: their K/V from the exit state).
 * Only the positions that need logits are computed: ``logits_to_keep`` (an input with a default that our
   exporter adds) is set to the span from the first requested position to the end of the call.
 * Tokenization: llama.cpp's tokenizer on the vocabulary-only ``tokenizer.gguf`` the exporter writes, so an
@@ -35,6 +36,7 @@ import onnxruntime as ort
 from edgellm.backends import BACKENDS, BY_ORT_PROVIDER
 from edgellm.errors import ContextOverflowError, ModelLoadError
 from edgellm.runtime.base import LogitsFor, default_n_ctx, output_indices
+from edgellm.runtime.onnx_split import SplitRun, kept_rows
 from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, GraphLayout, Stage
 
 if TYPE_CHECKING:                    # the probe package is imported only when a choice needs it
@@ -48,7 +50,6 @@ DEFAULT_N_BATCH = 512            # prompt tokens per session run (bounds GQA's (
 CPU = "CPUExecutionProvider"
 EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"   # where a graph from bytes finds its data
 NO_SPINNING = "session.force_spinning_stop"
-HIDDEN, RESIDUAL = "exit.hidden", "exit.residual"   # edgellm.converters.onnx.split's cut tensors
 # provider short name (edgellm.backends api) -> OrtValue device for the KV buffers
 KV_DEVICES = {"cuda": "cuda", "tensorrt": "cuda", "dml": "dml"}
 
@@ -229,11 +230,9 @@ class OnnxBackend:
         self._input_ids = self.folder.decoder["inputs"]["input_ids"]
         self._logits = self.folder.decoder["outputs"]["logits"]
         self._graph = self._layout()
-        self._stages = [self._stage(str(self.path), range(self.n_layers), "decoder")]
-        self._fill_graph: bytes | None = None
-        self._filler: Stage | None = None
-        self._ahead: list[tuple[int, np.ndarray, np.ndarray]] = []   # split: lower-half states not yet upper-run
-        self.exit_layer: int | None = None                            # split: where the graph is cut
+        self._whole: Stage | None = self._stage(str(self.path), range(self.n_layers), "decoder")
+        self._split: SplitRun | None = None          # early exit: the graph cut at ``exit_layer``
+        self.exit_layer: int | None = None
 
     # --- loading ---
 
@@ -346,50 +345,49 @@ class OnnxBackend:
 
     @property
     def n_past(self) -> int:
-        return self._stages[-1].n_past
+        return self._split.n_past if self._split is not None else self._whole.n_past
+
+    @property
+    def _stages(self) -> list[Stage]:
+        """The sessions now in use (one over the whole graph, or the split graph's)."""
+        if self._split is not None:
+            return self._split.stages
+        return [self._whole] if self._whole is not None else []
 
     def decode(self, tokens: Sequence[int], logits_for: LogitsFor = "last") -> np.ndarray:
         wanted = output_indices(len(tokens), logits_for)
         if self.n_past + len(tokens) > self.n_ctx:
             raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the sequence")
-        if len(self._stages) == 1:
-            feeds = {self._input_ids: np.array([tokens], np.int64)}
-        else:                                           # the lower half's states: reused where drafting ran it
-            reused = self._reuse(tokens)
-            hidden, residual = self._lower(tokens[reused:])
-            feeds = {HIDDEN: np.concatenate([self._ahead_rows(1)[:reused], hidden])[None],
-                     RESIDUAL: np.concatenate([self._ahead_rows(2)[:reused], residual])[None]}
-            self._ahead = []
+        if not tokens:
+            return np.empty((0, self.n_vocab), np.float32)
+        if self._split is not None:          # the lower part's states: reused where drafting ran it ahead
+            return self._split.decode(tokens, wanted)
         rows = []
         for start in range(0, len(tokens), self.n_batch):
             n = min(self.n_batch, len(tokens) - start)
             outputs = [i - start for i in wanted if start <= i < start + n]
-            logits = self._logits_run({k: v[:, start:start + n] for k, v in feeds.items()}, n, outputs)
+            keep = n - outputs[0] if outputs else 1
+            chunk = np.array([tokens[start:start + n]], np.int64)
+            values = self._whole.run({self._input_ids: chunk, LOGITS_TO_KEEP: np.array(keep, np.int64)}, n,
+                                     str(self.path))
             if outputs:
-                rows.append(logits)
+                rows.append(kept_rows(values[self._logits][0], n, outputs))
         return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
 
-    def _logits_run(self, feeds: dict[str, np.ndarray], n: int, outputs: list[int]) -> np.ndarray:
-        """One run of the last stage over ``n`` positions; logits (len(outputs), n_vocab) float32."""
-        keep = n - outputs[0] if outputs else 1
-        values = self._stages[-1].run({**feeds, LOGITS_TO_KEEP: np.array(keep, np.int64)}, n, str(self.path))
-        logits = values[self._logits][0]                # (keep or n, n_vocab)
-        first = n - logits.shape[0]
-        return logits[[o - first for o in outputs]].astype(np.float32, copy=False)
-
     def truncate(self, n_past: int) -> bool:
-        """Drop cache entries at positions >= ``n_past`` (lower-half states run ahead included)."""
-        keep_ahead = max(n_past - self.n_past, 0)
-        del self._ahead[keep_ahead:]
-        for stage in self._stages:
-            stage.truncate(min(n_past, self.n_past + len(self._ahead)) if stage is self._stages[0] else n_past)
+        """Drop cache entries at positions >= ``n_past`` (lower-part states run ahead included)."""
+        if self._split is not None:
+            self._split.truncate(n_past)
+        elif self._whole is not None:
+            self._whole.truncate(n_past)
         return True
 
     # --- the graph cut at a layer (early exit) ---
 
     def split(self, exit_layer: int | None) -> None:
-        """Run the decoder as two sessions cut before layer ``exit_layer`` (``edgellm.converters.onnx.split``),
-        sharing model.onnx.data; None joins it again. The cache is emptied; a closed backend stays closed.
+        """Run the decoder as the stages of the graph cut before layer ``exit_layer`` and before the final norm
+        (``edgellm.runtime.onnx_split``), sharing model.onnx.data; None joins it again. The cache is emptied;
+        a closed backend stays closed.
 
         Raises ValueError for a layer outside 1..n_layers or a graph without a shared-buffer cache (GQA)."""
         if exit_layer == self.exit_layer or not self._stages:
@@ -399,74 +397,51 @@ class OnnxBackend:
                              "exported with standard attention ops")
         from edgellm.converters.onnx import split as cutting
 
-        proto = self.folder.graph
-        hidden_size = int(self.folder.decoder["hidden_size"])
-        halves = cutting.cut(proto, exit_layer, self.n_layers, hidden_size) if exit_layer is not None else None
+        proto, hidden_size = self.folder.graph, int(self.folder.decoder["hidden_size"])
+        parts = cutting.cut(proto, exit_layer, self.n_layers, hidden_size) if exit_layer is not None else None
         self._close_stages()                        # one set of prepacked weights at a time
-        self.exit_layer, self._ahead = exit_layer, []
-        if halves is None:
-            self._stages = [self._stage(str(self.path), range(self.n_layers), "decoder")]
+        self.exit_layer = exit_layer
+        if parts is None:
+            self._whole = self._stage(str(self.path), range(self.n_layers), "decoder")
             return
-        self._stages = [self._stage(halves.lower.SerializeToString(), range(exit_layer), "lower")]
-        self._stages.append(self._stage(halves.upper.SerializeToString(), range(exit_layer, self.n_layers), "upper"))
-        self._fill_graph = cutting.fill(proto, exit_layer, self.n_layers, hidden_size).SerializeToString() \
+        fill = cutting.fill(proto, exit_layer, self.n_layers, hidden_size).SerializeToString() \
             if exit_layer < self.n_layers else None
+        self._split = SplitRun(self._stage, parts, fill, n_layers=self.n_layers, input_ids=self._input_ids,
+                               logits=self._logits, n_batch=self.n_batch, where=str(self.path))
+
+    def _split_run(self, what: str) -> SplitRun:
+        if self._split is None:
+            raise ValueError(f"{what} needs a split graph (split(exit_layer) first)")
+        return self._split
 
     def lower(self, tokens: Sequence[int]) -> np.ndarray:
-        """Run the lower half alone on ``tokens`` after the states already run ahead; returns the residual
-        stream after ``exit_layer`` blocks, (len(tokens), hidden_size) float32. A later ``decode`` of the same
-        tokens reuses these states and the lower half's cache entries.
+        """Run the lower part alone on ``tokens`` after the states already run ahead; returns the residual
+        stream after ``exit_layer`` blocks, (len(tokens), hidden_size) float32. A later ``decode`` or ``verify``
+        of the same tokens reuses these states and the lower part's cache entries.
 
         Raises ValueError when the graph is not split, ContextOverflowError past the context."""
-        if len(self._stages) != 2:
-            raise ValueError("lower() needs a split graph (split(exit_layer) first)")
-        start = self.n_past + len(self._ahead)
+        run = self._split_run("lower()")
+        start = self.n_past + len(run.ahead)
         if start + len(tokens) > self.n_ctx:
             raise ContextOverflowError(start + len(tokens), self.n_ctx, "the draft")
-        hidden, residual = self._lower(tokens)
-        self._ahead.extend(zip(tokens, hidden, residual))
+        hidden, residual = run.run_ahead(tokens)
         return hidden.astype(np.float32) + residual.astype(np.float32)
 
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append ``tokens`` and return each one's logits, (len(tokens), n_vocab) float32, as decoding them one
+        at a time computes them: the blocks run one row at a time (states run ahead reused), the output head
+        once over all rows (``onnx_split``). Greedy tokens taken from these rows are plain decoding's.
+
+        Raises ValueError when the graph is not split, ContextOverflowError past the context."""
+        run = self._split_run("verify()")
+        if self.n_past + len(tokens) > self.n_ctx:
+            raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the sequence")
+        return run.verify(tokens)
+
     def fill(self) -> None:
-        """Commit the states run ahead without the upper half: the fill graph writes the upper layers' K/V from
-        the exit state (CALM). Positions advance as if the upper half had run them."""
-        if not self._ahead:
-            return
-        if self._fill_graph is not None:
-            if self._filler is None:              # bound to the upper half's buffers: it writes that cache
-                upper = self._stages[1]
-                self._filler = self._stage(self._fill_graph, upper.layers, "fill", upper.kv)
-            self._filler.n_past = self.n_past
-            self._filler.run({HIDDEN: self._ahead_rows(1)[None], RESIDUAL: self._ahead_rows(2)[None]},
-                             len(self._ahead), str(self.path))
-        self._stages[1].n_past += len(self._ahead)
-        self._ahead = []
-
-    def _reuse(self, tokens: Sequence[int]) -> int:
-        """How many leading ``tokens`` the states run ahead already hold; the rest of them are dropped."""
-        n = 0
-        while n < min(len(tokens), len(self._ahead)) and self._ahead[n][0] == tokens[n]:
-            n += 1
-        del self._ahead[n:]
-        self._stages[0].truncate(self.n_past + n)
-        return n
-
-    def _ahead_rows(self, field: int) -> np.ndarray:
-        if not self._ahead:
-            return np.empty((0, int(self.folder.decoder["hidden_size"])), self._graph.dtype)
-        return np.stack([a[field] for a in self._ahead])
-
-    def _lower(self, tokens: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """The lower half over ``tokens`` in prompt batches: (hidden, residual), each (len, hidden_size)."""
-        parts = []
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = np.array([tokens[start:start + self.n_batch]], np.int64)
-            out = self._stages[0].run({self._input_ids: chunk}, chunk.shape[1], str(self.path))
-            parts.append((out[HIDDEN][0], out[RESIDUAL][0]))
-        if not parts:
-            empty = np.empty((0, int(self.folder.decoder["hidden_size"])), self._graph.dtype)
-            return empty, empty
-        return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+        """Commit the states run ahead without the upper stages: the fill graph writes the upper layers' K/V
+        from the exit state (CALM). Positions advance as if the upper stages had run them."""
+        self._split_run("fill()").fill()
 
     # --- resources ---
 
@@ -476,7 +451,7 @@ class OnnxBackend:
         int4: a peak of 824 MiB during thread tuning instead of 502)."""
         if n_decode != self._threads[0]:
             self._threads = (n_decode, n_decode)
-            for stage in self._stages + ([self._filler] if self._filler else []):
+            for stage in self._stages:
                 stage.renew()
         self._threads = (n_decode, n_decode)
         if n_batch != n_decode:
@@ -493,9 +468,9 @@ class OnnxBackend:
         return session.get_providers()[0] if session is not None else self.choice.providers[0]
 
     def _close_stages(self) -> None:
-        for stage in self._stages + ([self._filler] if self._filler else []):
+        for stage in self._stages:
             stage.close()
-        self._stages, self._filler, self._fill_graph = [], None, None
+        self._whole = self._split = None
 
     def close(self) -> None:
         self._close_stages()
