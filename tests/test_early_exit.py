@@ -262,7 +262,7 @@ def test_shared_draft_verifies_with_the_logits_llama_cpp_computes(variant, tiny_
         want = [b.decode([t])[0] for t in [prompt[-1]] + steps]     # one token at a time, as drafting decodes
         b.truncate(0)
         draft = SharedDraft(b, default_head(b, 64))
-        assert draft.full.n_rows == b.n_vocab and draft.reduced.n_rows == 64
+        assert draft.verifier.full.n_rows == b.n_vocab and draft.reduced.n_rows == 64
         b.decode(prompt[:-1])
         states = [draft.step(t)[0] for t in [prompt[-1]] + steps]
         assert b.n_past == len(prompt) + len(steps)
@@ -271,7 +271,7 @@ def test_shared_draft_verifies_with_the_logits_llama_cpp_computes(variant, tiny_
         # several rows at once: the same numbers where ggml's kernels agree (quantized heads); float heads round
         # a few ulps differently, and the draft knows it (near ties are then recomputed one row at a time)
         batch = draft.verify_logits(np.concatenate(states))
-        assert draft.batch_exact == np.array_equal(batch, single)
+        assert draft.verifier.batch_exact == np.array_equal(batch, single)
         np.testing.assert_allclose(batch, single, rtol=1e-5, atol=1e-5)
         # the reduced head's rows score exactly as the full head's rows do
         ids = draft.reduced.vocab_ids
@@ -367,26 +367,24 @@ def test_onnx_greedy_equals_plain_with_prompt_lookup(tiny_checkpoint, tmp_path, 
 
 # ------------------------------------------------------------------------------------------ Gemma 3 270M
 
-TIE = 1.5   # llama.cpp's batched and one-token kernels differ by up to ~1.1 in a logit here (measured)
-
-
 @pytest.mark.gemma
-def test_gemma_lossless_greedy_matches_plain(gemma_gguf, tmp_path):
+@pytest.mark.parametrize("draft", ["self", "prompt-lookup"])
+def test_gemma_verified_drafts_are_identical_to_plain(gemma_gguf, tmp_path, draft):
+    """A sibling context drafting at full depth in its own cache, or prompt lookup: the main context verifies
+    through the blocks one token at a time and the output head at once, so greedy output is plain decoding's
+    token for token (a batched decode of the guesses is not: llama.cpp's batched kernels round differently)."""
     prompts = ["The capital of France is", "def add(a, b):\n    return", "List three colours: red,",
                "Water boils at a temperature of", "Once upon a time"]
     with Runtime.load(gemma_gguf, n_ctx=512, n_threads=THREADS) as rt:
         ranked = rank_vocab(rt.backend.tokenize(" ".join(prompts) * 2, add_special=False), rt.backend.n_vocab,
                             [rt.backend.special.eos, rt.backend.special.eot])
         plain = [rt.generate(p, max_tokens=20).tokens for p in prompts]
-        gaps = [_greedy_gaps(rt, p, toks) for p, toks in zip(prompts, plain)]
-    folder = make_bundle(gemma_gguf, tmp_path / "g", {"mode": "lossless", "head": HEAD_FILE, "k": 3, "draft": "self"},
+    folder = make_bundle(gemma_gguf, tmp_path / "g", {"mode": "lossless", "head": HEAD_FILE, "k": 3, "draft": draft},
                          reduced_head(gemma_gguf, ranked, 4096))
     tokens, outs, info = _tokens(folder, None, prompts, max_tokens=20)
+    assert draft.replace("-", " ") in info.early_exit_note and "one token at a time" in info.early_exit_note
     assert sum(o.stats.accepted_tokens for o in outs) > 0
-    for got, want, gap in zip(tokens, plain, gaps):
-        first = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-        # identical, or the first difference sits on a near tie that kernel numerics can flip
-        assert first is None or gap[first] < TIE, (got, want, gap)
+    assert tokens == plain
 
 
 GEMMA_PROMPTS = ("The capital of France is", "def add(a, b):\n    return", "List three colours: red,",
@@ -408,15 +406,6 @@ def test_gemma_shared_draft_greedy_is_identical_to_plain(gemma_gguf, k):
         outs = [rt.generate(p, max_tokens=40) for p in GEMMA_PROMPTS]
     assert [o.tokens for o in outs] == plain
     assert sum(o.stats.accepted_tokens for o in outs) > 0.5 * sum(o.stats.drafted_tokens for o in outs)
-
-
-def _greedy_gaps(rt, prompt, tokens):
-    """Top-1 minus top-2 logit at each generated position, decoding one token at a time."""
-    rt.reset()
-    b = rt.backend
-    rows = [b.decode(rt.tokenize(prompt))[0]] + [b.decode([t])[0] for t in tokens[:-1]]
-    rt.reset()
-    return [float(np.diff(np.sort(r)[-2:])[0]) for r in rows]
 
 
 def test_cli_calibrates_and_runs_with_the_flag(tiny_ggufs, tmp_path, capsys):

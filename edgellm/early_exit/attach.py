@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from edgellm.early_exit.draft import Draft, PromptLookup, SelfDraft
+from edgellm.early_exit.draft import Draft, PromptLookup, SelfDraft, Verified
 from edgellm.early_exit.heads import ExitHead, load_head, rank_vocab, reduced_head
 from edgellm.early_exit.modes import EarlyExitMode, parse_mode
 from edgellm.early_exit.speculative import DEFAULT_K, DraftCounters, speculative_tokens
@@ -143,9 +143,9 @@ def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, 
     margin = float(settings.get("min_margin", 0.0))
     where = f"exit after layer {head.exit_layer}/{head.n_layers}, " if head is not None else ""
     if head is not None and llama and chosen in (None, "self", "shared"):
-        return (SelfDraft(backend, head, min_margin=margin),
-                f"self-draft: {where}{head.vocab_size}-token head, k={k}"
-                + (f" (the shared draft is unavailable: {problem})" if problem else ""))
+        draft, how = verified(backend, SelfDraft(backend, head, min_margin=margin))
+        return draft, (f"self-draft: {where}{head.vocab_size}-token head, k={k}, {how}"
+                       + (f" (the shared draft is unavailable: {problem})" if problem else ""))
     if head is not None and not llama and chosen in (None, "self"):
         from edgellm.early_exit.onnx_exit import SplitDraft
 
@@ -162,17 +162,37 @@ def _lossless_draft(backend: Any, head: ExitHead | None, settings: Mapping[str, 
     return lookup, f"{why}: drafting with prompt lookup (n-grams from the context), k={k}, {how}"
 
 
+EXACT = "verified through the blocks one token at a time and the output head at once"
+BATCHED = ("verified in one batched decode (greedy output may differ from plain decoding where the batched "
+           "kernels round a near tie the other way)")
+
+
 def prompt_lookup(backend: Any) -> tuple[Draft, str]:
-    """Prompt lookup for ``backend`` and how its guesses are verified: on an ONNX graph that can be cut, one
-    token at a time through the blocks and the output head at once (exact); else in one batched decode."""
+    """Prompt lookup for ``backend`` and how its guesses are verified (``verified``); on ONNX the graph is cut
+    before the final norm for it (``onnx_exit.SplitLookup``) where it can be."""
     if not is_llama_cpp(backend) and hasattr(backend, "split"):
         from edgellm.early_exit.onnx_exit import SplitLookup
 
         try:
-            return SplitLookup(backend), "verified through the blocks one token at a time, the head at once"
+            return SplitLookup(backend), EXACT
         except ValueError as exc:
-            return PromptLookup(), f"verified in one batched decode ({exc})"
-    return PromptLookup(), "verified in one batched decode"
+            return PromptLookup(), f"{BATCHED}: {exc}"
+    return verified(backend, PromptLookup())
+
+
+def verified(backend: Any, draft: Draft) -> tuple[Draft, str]:
+    """``draft`` verified exactly where it can be (a draft with its own ``verify``; on llama.cpp's CPU backend a
+    ``shared.HeadVerifier``, which installs an eval callback on ``backend``), and a note saying how."""
+    if hasattr(draft, "verify"):
+        return draft, EXACT
+    if not is_llama_cpp(backend):
+        return draft, BATCHED
+    from edgellm.early_exit.shared import HeadVerifier
+
+    try:
+        return Verified(draft, HeadVerifier(backend)), EXACT
+    except ValueError as exc:
+        return draft, f"{BATCHED}: {exc}"
 
 
 def default_head(backend: Any, vocab_size: int = DEFAULT_VOCAB) -> ExitHead:

@@ -18,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from edgellm.early_exit.attach import is_llama_cpp, prompt_lookup, token_source
+from edgellm.early_exit.attach import is_llama_cpp, prompt_lookup, token_source, verified
 from edgellm.early_exit.capture import capture
 from edgellm.early_exit.draft import Draft, SelfDraft
 from edgellm.early_exit.heads import (ExitHead, fit_affine, rank_vocab, read_output_weights, reduced_head,
@@ -201,7 +201,7 @@ def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: S
 def _self_draft(backend, head: ExitHead) -> Draft:
     """The self-draft for ``backend``: a sibling llama.cpp context, or the ONNX graph cut at the exit."""
     if is_llama_cpp(backend):
-        return SelfDraft(backend, head)
+        return verified(backend, SelfDraft(backend, head))[0]
     from edgellm.early_exit.onnx_exit import SplitDraft
 
     return SplitDraft(backend, head)

@@ -101,3 +101,21 @@ class SelfDraft:
 
     def close(self) -> None:
         self.ctx.close()
+
+
+class Verified:
+    """``draft``'s guesses checked by ``verifier`` (tokens -> their logits rows as one-token decode steps
+    compute them, e.g. ``shared.HeadVerifier``) instead of one batched decode. Closing closes both."""
+
+    def __init__(self, draft: Draft, verifier) -> None:
+        self.draft, self.verifier, self.name = draft, verifier, draft.name
+
+    def propose(self, context: Sequence[int], k: int) -> list[int]:
+        return self.draft.propose(context, k)
+
+    def verify(self, tokens: Sequence[int]) -> np.ndarray:
+        return self.verifier(list(tokens))
+
+    def close(self) -> None:
+        self.draft.close()
+        self.verifier.close()

@@ -1,18 +1,21 @@
-"""The shared draft: the full model drafts for itself with a reduced-vocabulary head, in one KV cache.
+"""Verification as plain decoding computes it on llama.cpp's CPU backend, and the shared draft built on it.
 
-Each token is decoded once, one at a time, exactly as plain decoding does it, but the eval callback stops
+``HeadVerifier``: each token is decoded alone, exactly as plain decoding does it, but the eval callback stops
 llama.cpp after the final norm (``result_norm``): the blocks run and write their KV entries, the output head
-(most of the cost of a small model with a large vocabulary) does not. The reduced head guesses the next token
-from that state; after k such steps the model's own output head (``output_head.OutputHead``, the same ggml
-kernels on the same weights) scores the k states at once. The longest agreeing prefix is kept; at the first
-disagreement the full model's token is kept instead and the KV entries decoded after it are dropped.
+(most of the cost of a small model with a large vocabulary) does not. The model's own output head
+(``output_head.OutputHead``, the same ggml kernels on the same weights) then scores all the states at once:
+one row equals llama_decode's bit for bit (checked when it is set up); several rows at once are the same
+numbers for quantized heads, and float heads, whose batched kernel rounds a few ulps differently, recompute
+near ties one row at a time. Every draft verified this way keeps plain greedy output token for token (a
+batched decode of all the guesses would not: llama.cpp's batched kernels round differently from one row).
 
-So nothing is recomputed (the KV entries drafting wrote are the ones verification would have written), and
-every kept token comes from plain decoding's logits: one row of the verifier equals llama_decode's bit for bit
-(checked when the draft is set up); several rows at once are the same numbers for quantized heads, and float
-heads, whose batched kernel rounds a few ulps differently, recompute near ties one row at a time. Greedy output
-is identical token for token; sampling uses standard speculative acceptance (speculative.py). What it saves is the output head
-done one row at a time; what it spends is the reduced head and, after a rejection, the drafted steps beyond it.
+The shared draft: the full model drafts for itself with a reduced-vocabulary head in the same KV cache. The
+reduced head guesses the next token from each step's state; after k steps the output head scores the k states.
+The longest agreeing prefix is kept; at the first disagreement the full model's token is kept instead and the
+KV entries decoded after it are dropped. Nothing is recomputed (the KV entries drafting wrote are the ones
+verification would have written); sampling uses standard speculative acceptance (speculative.py). What it
+saves is the output head done one row at a time; what it spends is the reduced head and, after a rejection,
+the drafted steps beyond it.
 """
 
 from __future__ import annotations
@@ -33,23 +36,23 @@ from edgellm.runtime.sampling import Sampler
 logger = logging.getLogger(__name__)
 
 
-class SharedDraft:
-    """Owns the eval callback of ``backend``'s context (installed now: the KV cache starts empty) and the two
-    heads. ``head`` is a full-depth ExitHead: its vocabulary ranking picks the reduced head's rows."""
+class HeadVerifier:
+    """Verification on llama.cpp's CPU backend as one-token decode steps compute it: each token is decoded alone
+    with the eval callback stopping llama.cpp after the final norm, and the model's own output head
+    (``output_head.OutputHead``) scores all the states at once. Called with tokens it returns their logits
+    rows (the ``verify`` a draft offers ``speculative.py``).
 
-    name = "shared"
+    Owns the eval callback of ``backend``'s context (installed now: the KV cache starts empty). Raises
+    ValueError where the output head cannot be computed outside llama.cpp bit for bit (or not on the CPU)."""
 
-    def __init__(self, backend, head: ExitHead) -> None:
-        if not head.full_depth:
-            raise ValueError("the shared draft needs a full-depth head (it exits after the final norm)")
-        self.backend, self.head = backend, head
-        self.full: OutputHead | None = None          # found on the first decode that computes logits
-        self.reduced: OutputHead | None = None
-        self._drafting = False
-        self._hidden: np.ndarray | None = None         # the last decoded position's final normed state
-        self.batch_exact = True          # whether several rows at once round exactly as one row does (probed)
+    def __init__(self, backend) -> None:
         if backend.id != "llama.cpp-cpu":
             raise ValueError(f"the output head is computed on the CPU; this model runs on {backend.id}")
+        self.backend = backend
+        self.full: OutputHead | None = None          # found on the first decode that computes logits
+        self._stepping = False
+        self._hidden: np.ndarray | None = None         # the last decoded position's final normed state
+        self.batch_exact = True          # whether several rows at once round exactly as one row does (probed)
         self.tap = Tap([FINAL_NAME], self._keep, on_output=self._found_output)
         backend.install_tap(self.tap)
         try:                                  # one decode finds the output head (or says why it cannot be used)
@@ -71,32 +74,23 @@ class SharedDraft:
     def _found_output(self, node: int) -> None:
         if self.full is None:
             self.full = OutputHead.from_graph(node, self.backend.threads[0])
-            if self.full.plain_layout:
-                self.reduced = self.full.subset(self.head.vocab_ids)
-            logger.debug("shared draft: output head %d x %d (type %d), reduced head %s", self.full.n_rows,
-                         self.full.n_embd, self.full.type, "ggml rows" if self.reduced else "numpy rows")
+            logger.debug("output head %d x %d (type %d)", self.full.n_rows, self.full.n_embd, self.full.type)
 
     def _keep(self, _name: str, rows: np.ndarray) -> bool:
         self._hidden = rows[-1:]
-        return not self._drafting        # drafting: stop before the output head; else llama.cpp computes logits
+        return not self._stepping        # a step: stop before the output head; else llama.cpp computes logits
 
-    def step(self, token: int) -> tuple[np.ndarray, int]:
-        """Decode ``token`` through the blocks only; (its (1, n_embd) final normed state, the reduced head's
-        guess of the next token)."""
-        self._drafting = True
+    def step(self, token: int) -> np.ndarray:
+        """Decode ``token`` through the blocks only; its (1, n_embd) final normed state."""
+        self._stepping = True
         try:
             self.backend.decode([token], "last")        # the logits row is not computed: the callback stopped
         finally:
-            self._drafting = False
+            self._stepping = False
         self.tap.check()
-        hidden = self._hidden
-        if self.reduced is not None:
-            guess = int(self.reduced.vocab_ids[int(np.argmax(self.reduced.logits(hidden)[0]))])
-        else:
-            guess = int(self.head.predict(hidden)[0][0])
-        return hidden, guess
+        return self._hidden
 
-    def verify_logits(self, hidden: np.ndarray) -> np.ndarray:
+    def logits(self, hidden: np.ndarray) -> np.ndarray:
         """(n, n_vocab) logits of the full model for (n, n_embd) final states, as llama_decode computes them.
 
         Where ggml's several-row kernel rounds differently from its one-row kernel (float heads: a few ulps,
@@ -108,8 +102,50 @@ class SharedDraft:
                 rows[i] = self.full.logits(hidden[i:i + 1])[0]
         return rows
 
+    def __call__(self, tokens: list[int]) -> np.ndarray:
+        """Decode ``tokens`` one at a time; their (len, n_vocab) logits."""
+        return self.logits(np.concatenate([self.step(t) for t in tokens]))
+
     def close(self) -> None:
-        self.full = self.reduced = None
+        self.full = None
+
+
+class SharedDraft:
+    """The shared draft: a ``HeadVerifier`` on ``backend`` plus the reduced head, whose rows are
+    ``head.vocab_ids`` (``head``: a full-depth ExitHead)."""
+
+    name = "shared"
+
+    def __init__(self, backend, head: ExitHead) -> None:
+        if not head.full_depth:
+            raise ValueError("the shared draft needs a full-depth head (it exits after the final norm)")
+        self.head = head
+        self.verifier = HeadVerifier(backend)
+        full = self.verifier.full
+        self.reduced = full.subset(head.vocab_ids) if full.plain_layout else None
+        logger.debug("shared draft: reduced head %s", "ggml rows" if self.reduced else "numpy rows")
+
+    @property
+    def backend(self):
+        return self.verifier.backend
+
+    def step(self, token: int) -> tuple[np.ndarray, int]:
+        """Decode ``token`` through the blocks only; (its (1, n_embd) final normed state, the reduced head's
+        guess of the next token)."""
+        hidden = self.verifier.step(token)
+        if self.reduced is not None:
+            guess = int(self.reduced.vocab_ids[int(np.argmax(self.reduced.logits(hidden)[0]))])
+        else:
+            guess = int(self.head.predict(hidden)[0][0])
+        return hidden, guess
+
+    def verify_logits(self, hidden: np.ndarray) -> np.ndarray:
+        """``HeadVerifier.logits``: the full model's logits for (n, n_embd) final states."""
+        return self.verifier.logits(hidden)
+
+    def close(self) -> None:
+        self.verifier.close()
+        self.reduced = None
 
 
 def shared_tokens(backend, cached: list[int], logits: np.ndarray, sampler: Sampler, history: list[int],
