@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from edgellm.converters.imatrix import default_calibration_text
-from edgellm.early_exit.calibrate import (FIT_TOKENS, HELD_OUT_TOKENS, acceptance, decode_speed, fit_heads,
-                                         verify_cost)
+from edgellm.early_exit.attach import prompt_lookup, verified
+from edgellm.early_exit.calibrate import FIT_TOKENS, HELD_OUT_TOKENS, acceptance, decode_speed, fit_heads
 from edgellm.early_exit.confidence import ConfidenceBackend
-from edgellm.early_exit.draft import PromptLookup, SelfDraft
+from edgellm.early_exit.draft import SelfDraft
 from edgellm.early_exit.heads import probability_margin, rank_vocab, reduced_head
 from edgellm.early_exit.shared import SharedDraft
 from edgellm.early_exit.tap import FINAL_NAME, Tap, sibling
@@ -148,15 +148,17 @@ def main() -> int:
     rows = [("plain", "-", plain_tok_s, None, same(plain_tokens, plain_tokens), "free"),
             ("plain", "-", grounded_tok_s, None, same(grounded_tokens, grounded_tokens), "grounded")]
     for v in VOCAB_SIZES:
-        draft = SelfDraft(backend, heads[n_layers, v])
+        draft, _ = verified(backend, SelfDraft(backend, heads[n_layers, v]))
         for k in KS:
             tok_s, acc, outs = decode_speed(backend, PROMPTS, args.gen_tokens, draft, k)
             rows.append((f"lossless self-draft E={n_layers} V={v}", k, tok_s, acc, same(outs, plain_tokens), "free"))
         draft.close()
+    lookup, _ = prompt_lookup(backend)
     for prompts, ref, kind in ((PROMPTS, plain_tokens, "free"), (GROUNDED, grounded_tokens, "grounded")):
         for k in KS:
-            tok_s, acc, outs = decode_speed(backend, prompts, args.gen_tokens, PromptLookup(), k)
+            tok_s, acc, outs = decode_speed(backend, prompts, args.gen_tokens, lookup, k)
             rows.append(("lossless prompt lookup", k, tok_s, acc, same(outs, ref), kind))
+    lookup.close()
     rows += shared_rows(backend, ranked, args.gen_tokens, plain_tokens)
     print(f"\n## Decode speed, greedy, {args.gen_tokens} tokens x {len(PROMPTS)} prompts, {args.threads} thread(s)\n")
     print("| mode | k | prompts | decode tok/s | vs plain | acceptance | outputs identical to plain |")
@@ -165,10 +167,6 @@ def main() -> int:
         base = plain_tok_s if kind == "free" else grounded_tok_s
         print(f"| {mode} | {k} | {kind} | {tok_s:.1f} | {tok_s / base:.2f}x | "
               f"{'-' if acc is None else f'{acc:.2f}'} | {identical} |")
-    costs = {k: verify_cost(backend, k) for k in KS}
-    print("\nOne decode call of k+1 tokens (all logits) costs " +
-          ", ".join(f"{c:.1f} one-token steps at k={k}" for k, c in costs.items()) + " on this machine.")
-    report["verify_cost_steps"] = costs
     report["decode"] = [dict(zip(("mode", "k", "tok_s", "acceptance", "same_tokens", "prompts"), r)) for r in rows]
 
     head = heads[n_layers, VOCAB_SIZES[1]]

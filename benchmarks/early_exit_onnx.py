@@ -4,8 +4,10 @@
 
 Side by side in one run, on this machine, through the decoder graph cut at the exit layer:
 1. greedy agreement of exit heads with the full model on held-out text, per exit layer E and head size V;
-2. decode tok/s of plain decoding (whole graph, and through the two halves), and of lossless self-drafting on
-   the split graph per (E, V, k), with acceptance and whether the tokens equal plain greedy;
+2. decode tok/s of plain decoding (whole graph, and through the graph cut at the final norm), of lossless
+   self-drafting on the split graph per (E, V, k) and of prompt lookup (free and grounded prompts), with
+   acceptance and whether the tokens equal plain greedy (verification runs the blocks one token at a time and
+   the output head once over all guesses, so they should, every time);
 3. the confidence exit (CALM: exit at E, the upper layers' KV filled from the exit state) per E and threshold:
    decode tok/s, share of steps that exited, and its quality on held-out text fed one token at a time through
    the exiting backend (so the filled cache entries affect later positions as in generation): top-1
@@ -27,6 +29,9 @@ from edgellm.early_exit import onnx_exit
 from edgellm.early_exit.calibrate import FIT_TOKENS, HELD_OUT_TOKENS, RIDGE, decode_speed, windows_of
 from edgellm.early_exit.heads import rank_vocab
 from edgellm.runtime.onnx import OnnxBackend
+
+sys.path.insert(0, str(Path(__file__).parent))
+from early_exit import GROUNDED  # noqa: E402 - the llama.cpp benchmark's grounded prompts, shared
 
 PROMPTS = ("The history of the printing press begins", "def parse_config(path):\n    \"\"\"Read a config file",
            "Write a short story about a lighthouse keeper.")
@@ -91,21 +96,30 @@ def main() -> int:
     backend.split(n_layers)
     halves_tok_s, _, halves = decode_speed(backend, PROMPTS, args.gen_tokens)
     backend.split(None)
-    rows = [("plain, whole graph", "-", plain_tok_s, None, same(plain, plain)),
-            (f"plain, graph cut at {n_layers} (two sessions)", "-", halves_tok_s, None, same(halves, plain))]
+    grounded_tok_s, _, grounded = decode_speed(backend, GROUNDED, args.gen_tokens)
+    rows = [("plain, whole graph", "-", plain_tok_s, None, same(plain, plain), "free"),
+            ("plain, whole graph", "-", grounded_tok_s, None, same(grounded, grounded), "grounded"),
+            (f"plain, graph cut at {n_layers} (two sessions)", "-", halves_tok_s, None, same(halves, plain), "free")]
     for (e, v), head in heads.items():
         draft = onnx_exit.SplitDraft(backend, head)
         for k in KS:
             tok_s, acc, outs = decode_speed(backend, PROMPTS, args.gen_tokens, draft, k)
-            rows.append((f"lossless self-draft E={e} V={v}", k, tok_s, acc, same(outs, plain)))
+            rows.append((f"lossless self-draft E={e} V={v}", k, tok_s, acc, same(outs, plain), "free"))
         draft.close()
+    lookup = onnx_exit.SplitLookup(backend)
+    for prompts, ref, kind in ((PROMPTS, plain, "free"), (GROUNDED, grounded, "grounded")):
+        for k in KS:
+            tok_s, acc, outs = decode_speed(backend, prompts, args.gen_tokens, lookup, k)
+            rows.append(("lossless prompt lookup", k, tok_s, acc, same(outs, ref), kind))
+    lookup.close()
     print(f"\n## Decode speed, greedy, {args.gen_tokens} tokens x {len(PROMPTS)} prompts, {args.threads} thread(s)\n")
-    print("| mode | k | decode tok/s | vs plain | acceptance | outputs identical to plain |")
-    print("|---|---|---|---|---|---|")
-    for mode, k, tok_s, acc, identical in rows:
-        print(f"| {mode} | {k} | {tok_s:.1f} | {tok_s / plain_tok_s:.2f}x | "
+    print("| mode | k | prompts | decode tok/s | vs plain | acceptance | outputs identical to plain |")
+    print("|---|---|---|---|---|---|---|")
+    for mode, k, tok_s, acc, identical, kind in rows:
+        base = plain_tok_s if kind == "free" else grounded_tok_s
+        print(f"| {mode} | {k} | {kind} | {tok_s:.1f} | {tok_s / base:.2f}x | "
               f"{'-' if acc is None else f'{acc:.2f}'} | {identical} |")
-    report["decode"] = [dict(zip(("mode", "k", "tok_s", "acceptance", "same_tokens"), r)) for r in rows]
+    report["decode"] = [dict(zip(("mode", "k", "tok_s", "acceptance", "same_tokens", "prompts"), r)) for r in rows]
 
     print(f"\n## Confidence exit (lossy, CALM), {VOCAB_SIZES[1]}-token head; quality over {QUALITY_TOKENS} "
           "held-out tokens fed one at a time\n")

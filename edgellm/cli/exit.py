@@ -36,8 +36,6 @@ def _rows(result) -> list[tuple[str, ...]]:
         setting = (f"E={m['exit_layer']} V={m['vocab_size']}" if m.get("exit_layer") else m.get("draft", ""))
         if m["mode"] == "acceptance":
             rows.append(("greedy agreement", setting, f"{m['acceptance']:.3f}", ""))
-        elif m["mode"] == "verify cost":
-            rows.append(("verification cost", f"k={m['k']}", "", f"{m['steps']:.1f} one-token steps"))
         else:
             what = f"{m['draft']} E={m.get('exit_layer', '-')} V={m.get('vocab_size', '-')} k={m['k']}"
             rows.append(("lossless decode", what, f"{m['acceptance']:.3f}", f"{m['tok_s']:.1f} tok/s"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -89,23 +88,6 @@ def decode_speed(backend, prompts: Sequence[str], max_tokens: int, draft: Draft 
     return (n / seconds if seconds > 0 else 0.0), counters.acceptance, outputs
 
 
-def verify_cost(backend, k: int, repeats: int = 5) -> float:
-    """Time of one decode call of k + 1 tokens (all logits) over that of a one-token step, after a short prompt."""
-    prompt = backend.tokenize(SPEED_PROMPTS[0])
-    backend.truncate(0)
-    backend.decode(prompt)
-    n = len(prompt)
-    timings = {1: [], k + 1: []}
-    for _ in range(repeats):
-        for size in timings:
-            start = time.perf_counter()
-            backend.decode(list(prompt[:size]), "all")
-            timings[size].append(time.perf_counter() - start)
-            backend.truncate(n)
-    backend.truncate(0)
-    return min(timings[k + 1]) / min(timings[1])     # the fastest of each: least disturbed by other load
-
-
 @dataclass
 class Calibration:
     mode: str                            # what the bundle gets by default: "lossless" or "off"
@@ -135,12 +117,9 @@ def choose(measurements: list[dict[str, Any]], plain_tok_s: float, min_speedup: 
     best = max(lossless, key=lambda m: m["tok_s"])
     speedup = best["tok_s"] / plain_tok_s
     on = speedup >= min_speedup
-    cost = next((m for m in measurements if m.get("mode") == "verify cost" and m["k"] == best["k"]), None)
-    why = (f": verifying {best['k'] + 1} tokens in one batch costs {cost['steps']:.1f} one-token steps here"
-           if cost else "")
     reason = (f"{best['draft']} k={best['k']} decodes {speedup:.2f}x plain here (>= {min_speedup})" if on else
               f"best lossless setting ({best['draft']} k={best['k']}, acceptance {best['acceptance']:.2f}) "
-              f"measured {speedup:.2f}x plain, below {min_speedup}x{why}")
+              f"measured {speedup:.2f}x plain, below {min_speedup}x")
     return Calibration("lossless" if on else "off", reason, best["draft"], best.get("exit_layer"),
                        best.get("vocab_size"), best["k"], acceptance=best["acceptance"], speedup=speedup,
                        plain_tok_s=plain_tok_s, measurements=measurements)
@@ -187,7 +166,6 @@ def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: S
                          "acceptance": a} for h, a in zip(heads, rates)]
         plain_tok_s, _, _ = decode_speed(backend, SPEED_PROMPTS, max_tokens)
         measurements += _speed_grid(backend, heads, rates, ks, max_tokens)
-        measurements += [{"mode": "verify cost", "k": k, "steps": verify_cost(backend, k)} for k in ks]
         if llama:
             measurements += _shared_grid(backend, heads, ks, max_tokens)      # last: it installs an eval callback
         result = choose(measurements, plain_tok_s, min_speedup)

@@ -4,9 +4,9 @@
   are those of plain decoding, computed once); verification (``OnnxBackend.verify``) reuses them, runs the
   upper layers one token at a time and the output head once over the k + 1 states. ``SplitLookup``: prompt
   lookup verified the same way on the graph cut before the final norm.
-* ``OnnxConfidence`` (lossy, CALM): each one-token step runs the lower half; when the exit head's margin
+* ``OnnxConfidence`` (lossy, CALM): each one-token step runs the lower part; when the exit head's margin
   passes the threshold, the fill graph writes the upper layers' K/V from the exit state and the reduced
-  head's logits are returned; otherwise the upper half runs as usual.
+  head's logits are returned; otherwise the upper stages run as usual.
 * ``states``/``fit_heads``/``acceptance``: exit heads fitted to the ONNX graph's own hidden states, with the
   output rows read from its weights file.
 """
@@ -46,7 +46,7 @@ def states(backend: Any, windows: Sequence[Sequence[int]], exit_layers: Sequence
             for window in windows:
                 backend.truncate(0)
                 rows.append(backend.lower(list(window)))
-                if full_top1 and e == layers[0]:        # the upper half reuses the lower half's states
+                if full_top1 and e == layers[0]:        # the upper stages reuse the lower part's states
                     top1.append(np.argmax(backend.decode(list(window), "all"), axis=-1))
             hidden[e] = np.concatenate(rows)
     finally:
@@ -76,8 +76,9 @@ def acceptance(backend: Any, heads: Sequence[ExitHead], windows: Sequence[Sequen
 
 
 class SplitDraft:
-    """Lossless drafting on a split ONNX graph: the lower half and the exit head guess up to k tokens, one at
-    a time; their states and cache entries stay for verification, which runs only the upper half."""
+    """Lossless drafting on a split ONNX graph: the lower part and the exit head guess up to k tokens, one at
+    a time; their states and cache entries stay for verification (``verify``), which runs the upper layers
+    one token at a time and the output head once over all of them."""
 
     name = "self"
 
@@ -146,7 +147,7 @@ class OnnxConfidence:
         self.counters.steps += 1
         logits = self.head.logits_from_residual(self._backend.lower(tokens))      # (1, V)
         if probability_margin(logits)[0] < self.threshold:
-            return self._backend.decode(tokens, logits_for)                    # reuses the lower half's state
+            return self._backend.decode(tokens, logits_for)                    # reuses the lower part's state
         self._backend.fill()                                                   # upper layers' K/V from the exit
         self.counters.exits += 1
         out = np.full((1, self._backend.n_vocab), -np.inf, np.float32)

@@ -1,8 +1,9 @@
 """One ONNX Runtime session over a decoder graph, or over a part of one, and the KV cache of its layers.
 
 The ONNX backend runs one ``Stage`` over the whole decoder; with early exit it runs the graph cut at layer E
-(``edgellm.converters.onnx.split``) as a lower and an upper stage, the second fed the first's hidden state.
-A stage keeps its own position: the lower half may run ahead of the upper one while drafting.
+(``edgellm.converters.onnx.split``) as lower, middle and head stages (``onnx_split``), each fed the one
+before's hidden state. A stage keeps its own position: the lower part may run ahead of the others while
+drafting.
 
 KV cache: graphs with GroupQueryAttention share one preallocated (1, kv_heads, n_ctx, head_dim) buffer per
 layer and tensor between ``past_key_values.{i}`` and ``present.{i}`` (GQA appends in place, nothing is copied
