@@ -36,8 +36,8 @@ import onnxruntime as ort
 from edgellm.backends import BACKENDS, BY_ORT_PROVIDER
 from edgellm.errors import ContextOverflowError, ModelLoadError
 from edgellm.runtime.base import LogitsFor, default_n_ctx, output_indices
-from edgellm.runtime.onnx_split import SplitRun, kept_rows
-from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, GraphLayout, Stage
+from edgellm.runtime.onnx_split import SplitRun
+from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, GraphLayout, Stage, batches, kept_rows
 
 if TYPE_CHECKING:                    # the probe package is imported only when a choice needs it
     from edgellm.probe.info import BackendChoice
@@ -356,23 +356,28 @@ class OnnxBackend:
 
     def decode(self, tokens: Sequence[int], logits_for: LogitsFor = "last") -> np.ndarray:
         wanted = output_indices(len(tokens), logits_for)
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the sequence")
+        self._check_room(self.n_past, len(tokens), "the sequence")
         if not tokens:
-            return np.empty((0, self.n_vocab), np.float32)
-        if self._split is not None:          # the lower part's states: reused where drafting ran it ahead
-            return self._split.decode(tokens, wanted)
+            rows = []
+        elif self._split is not None:        # the lower part's states: reused where drafting ran it ahead
+            rows = self._split.decode(tokens, wanted)
+        else:
+            rows = self._decode_whole(tokens, wanted)
+        return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+
+    def _decode_whole(self, tokens: Sequence[int], wanted: Sequence[int]) -> list[np.ndarray]:
         rows = []
-        for start in range(0, len(tokens), self.n_batch):
-            n = min(self.n_batch, len(tokens) - start)
-            outputs = [i - start for i in wanted if start <= i < start + n]
-            keep = n - outputs[0] if outputs else 1
+        for start, n, outputs, keep in batches(len(tokens), self.n_batch, wanted):
             chunk = np.array([tokens[start:start + n]], np.int64)
             values = self._whole.run({self._input_ids: chunk, LOGITS_TO_KEEP: np.array(keep, np.int64)}, n,
                                      str(self.path))
             if outputs:
                 rows.append(kept_rows(values[self._logits][0], n, outputs))
-        return np.concatenate(rows) if rows else np.empty((0, self.n_vocab), np.float32)
+        return rows
+
+    def _check_room(self, start: int, n: int, what: str) -> None:
+        if start + n > self.n_ctx:
+            raise ContextOverflowError(start + n, self.n_ctx, what)
 
     def truncate(self, n_past: int) -> bool:
         """Drop cache entries at positions >= ``n_past`` (lower-part states run ahead included)."""
@@ -421,9 +426,7 @@ class OnnxBackend:
 
         Raises ValueError when the graph is not split, ContextOverflowError past the context."""
         run = self._split_run("lower()")
-        start = self.n_past + len(run.ahead)
-        if start + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(start + len(tokens), self.n_ctx, "the draft")
+        self._check_room(self.n_past + len(run.ahead), len(tokens), "the draft")
         hidden, residual = run.run_ahead(tokens)
         return hidden.astype(np.float32) + residual.astype(np.float32)
 
@@ -434,8 +437,7 @@ class OnnxBackend:
 
         Raises ValueError when the graph is not split, ContextOverflowError past the context."""
         run = self._split_run("verify()")
-        if self.n_past + len(tokens) > self.n_ctx:
-            raise ContextOverflowError(self.n_past + len(tokens), self.n_ctx, "the sequence")
+        self._check_room(self.n_past, len(tokens), "the sequence")
         return run.verify(tokens)
 
     def fill(self) -> None:

@@ -11,30 +11,25 @@ Two ways through the upper stages:
 * ``verify``: what one-token decode steps compute. ONNX Runtime's attention rounds a batch of rows differently
   from one row (its CPU GroupQueryAttention multiplies probabilities by V with a one-row kernel of its own), so
   the blocks run one row at a time, as plain decoding runs them, and only the output head, whose rows are
-  independent, runs once over all rows. MatMulNBits at accuracy level 4 gives each row bit for bit what one
-  row gives; a head that rounds a batch differently (probed when the stages are made) has its near ties
-  computed again one row at a time, so a verified greedy token is always the one plain decoding picks.
+  independent, runs once over all rows. MatMulNBits at accuracy level 4 with block 32 gives each row bit for
+  bit what one row gives (block 128, the int8 head's, does not: measured); a head that rounds a batch
+  differently (probed on the first verification) has its near ties computed again one row at a time, so a
+  verified greedy token is always the one plain decoding picks.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from edgellm.runtime.base import near_ties
-from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, Stage
+from edgellm.runtime.onnx_stages import LOGITS_TO_KEEP, Stage, batches, kept_rows
 
 MakeStage = Callable[[bytes, Sequence[int], str], Stage]      # (serialized part, its layers, name) -> Stage
 PROBE_ROWS = 4                      # rows of the head's batch-exactness probe
 IO_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
-
-
-def kept_rows(logits: np.ndarray, n: int, outputs: Sequence[int]) -> np.ndarray:
-    """Rows ``outputs`` (indices into a run over ``n`` positions) of a run's logits, which hold its last rows
-    (``logits_to_keep``; all n where a graph has no such input); (len(outputs), n_vocab) float32."""
-    first = n - logits.shape[0]
-    return logits[[o - first for o in outputs]].astype(np.float32, copy=False)
 
 
 class SplitRun:
@@ -54,7 +49,6 @@ class SplitRun:
         self.head = make_stage(parts.head.SerializeToString(), [], "head")
         self._fill_graph, self._filler = fill_graph, None
         self.ahead: list[tuple[int, np.ndarray, np.ndarray]] = []   # (token, hidden, residual) run ahead
-        self.head_exact = self._probe_head()
 
     @property
     def stages(self) -> list[Stage]:
@@ -105,21 +99,18 @@ class SplitRun:
 
     # --- the upper stages ---
 
-    def decode(self, tokens: Sequence[int], wanted: Sequence[int]) -> np.ndarray:
-        """Every stage over all rows at once (see the module docstring); logits (len(wanted), n_vocab)."""
+    def decode(self, tokens: Sequence[int], wanted: Sequence[int]) -> list[np.ndarray]:
+        """Every stage over all rows at once (see the module docstring); the wanted logits rows, one
+        (len, n_vocab) array per prompt batch that has some."""
         self.run_ahead(tokens[self._reuse(tokens):])
         hidden, residual = self._take_ahead()
         rows = []
-        for start in range(0, len(tokens), self._n_batch):
-            n = min(self._n_batch, len(tokens) - start)
-            outputs = [i - start for i in wanted if start <= i < start + n]
+        for start, n, outputs, keep in batches(len(tokens), self._n_batch, wanted):
             h, r = self._middle(hidden[start:start + n], residual[start:start + n])
-            keep = n - outputs[0] if outputs else 1
+            logits = self._head(h, r, keep)                        # the last ``keep`` of the n rows
             if outputs:
-                rows.append(kept_rows(self._head(h, r, keep), n, outputs))
-            else:
-                self._head(h, r, keep)
-        return np.concatenate(rows) if rows else np.empty((0, 0), np.float32)
+                rows.append(kept_rows(logits, n, outputs))
+        return rows
 
     def verify(self, tokens: Sequence[int]) -> np.ndarray:
         """Logits (len(tokens), n_vocab) as one-token steps compute them (see the module docstring)."""
@@ -130,7 +121,7 @@ class SplitRun:
             steps = [self._middle(hidden[i:i + 1], residual[i:i + 1]) for i in range(len(tokens))]
             hidden, residual = np.concatenate([s[0] for s in steps]), np.concatenate([s[1] for s in steps])
         rows = self._head(hidden, residual, len(tokens))
-        if not self.head_exact:
+        if len(rows) > 1 and not self.head_exact:
             for i in near_ties(rows):
                 rows[i] = self._head(hidden[i:i + 1], residual[i:i + 1], 1, count=False)[0]
         return rows
@@ -150,13 +141,14 @@ class SplitRun:
                              LOGITS_TO_KEEP: np.array(keep, np.int64)}, len(hidden), self._where)
         if not count:
             self.head.n_past = n_past
-        return kept_rows(out[self._logits][0], len(hidden), range(len(hidden) - keep, len(hidden)))
+        return out[self._logits][0][-keep:].astype(np.float32, copy=False)
 
-    def _probe_head(self) -> bool:
-        """Whether the head gives a batch of rows bit for bit what it gives each row alone."""
-        size = self.head.session.get_inputs()
-        dtype = IO_TYPES.get(next(i.type for i in size if i.name == self._final[0]), np.float32)
-        width = next(i.shape[-1] for i in size if i.name == self._final[0])
+    @functools.cached_property
+    def head_exact(self) -> bool:
+        """Whether the head gives a batch of rows bit for bit what it gives each row alone (probed on first
+        use: only verification needs it)."""
+        state = next(i for i in self.head.session.get_inputs() if i.name == self._final[0])
+        dtype, width = IO_TYPES.get(state.type, np.float32), state.shape[-1]
         rng = np.random.default_rng(0)
         hidden = rng.standard_normal((PROBE_ROWS, width)).astype(dtype)
         residual = np.zeros_like(hidden)

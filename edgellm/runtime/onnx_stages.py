@@ -14,7 +14,7 @@ the upper layers' cache). Standard-op graphs (Concat) feed each run's present as
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -22,6 +22,22 @@ import onnxruntime as ort
 from edgellm.errors import OnnxRunError
 
 LOGITS_TO_KEEP = "logits_to_keep"
+
+
+def batches(n_tokens: int, n_batch: int, wanted: Sequence[int]) -> Iterator[tuple[int, int, list[int], int]]:
+    """The runs a decode call of ``n_tokens`` makes, at most ``n_batch`` positions each: (start, n, the wanted
+    indices into that run, ``logits_to_keep``: the span from the first wanted one to the run's end, 1 if none)."""
+    for start in range(0, n_tokens, n_batch):
+        n = min(n_batch, n_tokens - start)
+        outputs = [i - start for i in wanted if start <= i < start + n]
+        yield start, n, outputs, (n - outputs[0] if outputs else 1)
+
+
+def kept_rows(logits: np.ndarray, n: int, outputs: Sequence[int]) -> np.ndarray:
+    """Rows ``outputs`` (indices into a run over ``n`` positions) of a run's logits, which hold its last rows
+    (``logits_to_keep``; all n where a graph has no such input); (len(outputs), n_vocab) float32."""
+    first = n - logits.shape[0]
+    return logits[[o - first for o in outputs]].astype(np.float32, copy=False)
 
 
 @dataclass(frozen=True)
