@@ -52,6 +52,8 @@ def test_vocab_ranking_puts_first_ids_then_frequent_ones():
     ranked = rank_vocab([5, 5, 5, 2, 2, 7], 10, first=[9])
     assert ranked.tolist()[:4] == [9, 5, 2, 7]
     assert sorted(ranked.tolist()) == list(range(10))
+    # a vocabulary without an end-of-turn token passes None: skipped
+    assert rank_vocab([5, 5, 5, 2, 2, 7], 10, first=[None, 9]).tolist() == ranked.tolist()
 
 
 def test_head_round_trips_and_scores_only_its_rows(tmp_path):

@@ -255,8 +255,7 @@ def test_gemma_int4_drafts_keep_plain_greedy_output_token_for_token(gemma_checkp
     backend = OnnxBackend.load(tmp_path / "int4", n_ctx=512, n_threads=2)
     try:
         tokens = backend.tokenize(default_calibration_text(), add_special=False)
-        ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
-        ranked = rank_vocab(tokens, backend.n_vocab, ends)
+        ranked = rank_vocab(tokens, backend.n_vocab, [backend.special.eos, backend.special.eot])
         heads = onnx_exit.fit_heads(backend, windows_of(tokens[:2048]), ranked, [(12, 4096), (18, 4096)], 1e-4)
         _, _, plain = decode_speed(backend, GEMMA_PROMPTS, 40)
         drafts = [lambda h=h: onnx_exit.SplitDraft(backend, h) for h in heads]

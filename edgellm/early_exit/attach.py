@@ -200,6 +200,6 @@ def default_head(backend: Any, vocab_size: int = DEFAULT_VOCAB) -> ExitHead:
     (end-of-generation tokens first), for lossless mode on a model nobody calibrated."""
     from edgellm.converters.imatrix import default_calibration_text
 
-    ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
-    ranked = rank_vocab(backend.tokenize(default_calibration_text(), add_special=False), backend.n_vocab, ends)
+    ranked = rank_vocab(backend.tokenize(default_calibration_text(), add_special=False), backend.n_vocab,
+                        [backend.special.eos, backend.special.eot])
     return reduced_head(backend.path, ranked, min(vocab_size, backend.n_vocab))

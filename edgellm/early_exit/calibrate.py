@@ -151,8 +151,7 @@ def calibrate(bundle_dir: str | Path, *, text: str | None = None, exit_layers: S
         n_layers = int(backend.metadata[f"{backend.metadata['general.architecture']}.block_count"])
         tokens = backend.tokenize(text if text is not None else default_calibration_text(), add_special=False)
         held_out, fit_tokens = tokens[:HELD_OUT_TOKENS], tokens[HELD_OUT_TOKENS:HELD_OUT_TOKENS + FIT_TOKENS]
-        ends = [t for t in (backend.special.eos, backend.special.eot) if t is not None]
-        ranked = rank_vocab(tokens[HELD_OUT_TOKENS:], backend.n_vocab, ends)
+        ranked = rank_vocab(tokens[HELD_OUT_TOKENS:], backend.n_vocab, [backend.special.eos, backend.special.eot])
         grid = [(e, min(v, backend.n_vocab)) for e in (exit_layers or (n_layers,)) for v in vocab_sizes]
         if llama:
             heads = fit_heads(backend, Path(rt.info.model_path), fit_tokens, ranked, grid, n_layers)

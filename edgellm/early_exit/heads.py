@@ -37,12 +37,13 @@ def fit_affine(x: np.ndarray, y: np.ndarray, ridge: float = 0.0) -> tuple[np.nda
     return w.astype(np.float32), (my - mx @ w).astype(np.float32)
 
 
-def rank_vocab(tokens: Iterable[int], n_vocab: int, first: Sequence[int] = ()) -> np.ndarray:
-    """All token ids, ``first`` ones first, then by falling frequency in ``tokens``; ties and unseen ids keep
-    id order. Returns (n_vocab,) int64."""
+def rank_vocab(tokens: Iterable[int], n_vocab: int, first: Sequence[int | None] = ()) -> np.ndarray:
+    """All token ids, ``first`` ones first (None entries, e.g. a vocabulary without an end-of-turn token, are
+    skipped), then by falling frequency in ``tokens``; ties and unseen ids keep id order. Returns (n_vocab,)
+    int64."""
     counts = Counter(int(t) for t in tokens)
     seen = sorted(counts, key=lambda t: (-counts[t], t))
-    head = list(dict.fromkeys([int(t) for t in first] + seen))
+    head = list(dict.fromkeys([int(t) for t in first if t is not None] + seen))
     rest = np.setdiff1d(np.arange(n_vocab), np.asarray(head, np.int64), assume_unique=False)
     return np.concatenate([np.asarray(head, np.int64), rest])
 
