@@ -184,6 +184,15 @@ def test_head_weights_reproduce_the_graphs_logits(exported):
     np.testing.assert_allclose(mine, logits, rtol=0, atol=1e-3 * np.abs(logits).max())
 
 
+def _drafted(backend, draft, prompts, max_tokens: int, k: int = 4) -> tuple[float, list[list[int]]]:
+    """(acceptance, greedy tokens per prompt) generating with ``draft``, which is closed afterwards."""
+    try:
+        _, accepted, tokens = decode_speed(backend, prompts, max_tokens, draft, k)
+    finally:
+        draft.close()
+    return accepted, tokens
+
+
 @pytest.mark.parametrize("variant", ["llama", "gemma3_text"])
 def test_self_draft_on_the_split_graph_keeps_greedy_output(variant, exported):
     backend = OnnxBackend.load(exported(variant), n_ctx=256, n_threads=THREADS)
@@ -194,11 +203,7 @@ def test_self_draft_on_the_split_graph_keeps_greedy_output(variant, exported):
                                     [(1, backend.n_vocab), (backend.n_layers, backend.n_vocab)], 1e-4)
         _, _, plain = decode_speed(backend, PROMPTS, 24)
         for head in heads:
-            draft = onnx_exit.SplitDraft(backend, head)
-            try:
-                _, accepted, drafted = decode_speed(backend, PROMPTS, 24, draft, 4)
-            finally:
-                draft.close()
+            accepted, drafted = _drafted(backend, onnx_exit.SplitDraft(backend, head), PROMPTS, 24)
             assert drafted == plain, head.exit_layer
         # the full-depth head over every token is the model's own head: it agrees nearly always
         assert accepted > 0.9
@@ -263,11 +268,9 @@ def test_gemma_int4_drafts_keep_plain_greedy_output_token_for_token(gemma_checkp
         for make in drafts:
             draft = make()
             assert not draft.backend._split.head_exact      # the near-tie path is the one exercised
-            try:
-                _, accepted, got = decode_speed(backend, GEMMA_PROMPTS, 40, draft, 4)
-            finally:
-                draft.close()
-            assert got == plain, backend.exit_layer
+            label = (draft.name, backend.exit_layer)        # the cut is undone when the draft closes
+            accepted, got = _drafted(backend, draft, GEMMA_PROMPTS, 40)
+            assert got == plain, label
             assert accepted > 0.1
     finally:
         backend.close()
