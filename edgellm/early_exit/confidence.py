@@ -75,9 +75,7 @@ class ConfidenceBackend:
         if self._exit_logits is None:
             return rows
         self.counters.exits += 1
-        out = np.full((1, self._ctx.n_vocab), -np.inf, np.float32)
-        out[0, self.head.vocab_ids] = self._exit_logits
-        return out
+        return self.head.full_row(self._exit_logits, self._ctx.n_vocab)
 
     def close(self) -> None:
         self._ctx.close()

@@ -98,6 +98,13 @@ class ExitHead:
             return self.logits(rms_norm(residual, self.norm_weight, self.norm_eps))
         return self.logits(residual)
 
+    def full_row(self, logits: np.ndarray, n_vocab: int) -> np.ndarray:
+        """The head's (V,) logits as a (1, n_vocab) float32 row of the whole vocabulary, -inf outside its V
+        tokens (what an exit returns in place of the model's logits)."""
+        out = np.full((1, n_vocab), -np.inf, np.float32)
+        out[0, self.vocab_ids] = logits
+        return out
+
     def predict(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(token ids (n,), top-1 minus top-2 probability (n,)) of the head's softmax over its V tokens."""
         logits = self.logits(hidden)

@@ -150,9 +150,7 @@ class OnnxConfidence:
             return self._backend.decode(tokens, logits_for)                    # reuses the lower part's state
         self._backend.fill()                                                   # upper layers' K/V from the exit
         self.counters.exits += 1
-        out = np.full((1, self._backend.n_vocab), -np.inf, np.float32)
-        out[0, self.head.vocab_ids] = logits[0]
-        return out
+        return self.head.full_row(logits[0], self._backend.n_vocab)
 
     def close(self) -> None:
         self._backend.close()
